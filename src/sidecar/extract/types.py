@@ -1,0 +1,70 @@
+"""The plain data that extraction hands to the recorders: features, outputs, and what went wrong.
+
+Nothing here knows about HTTP or Prometheus. Arrays are numpy, one row per item of the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
+
+ErrorType = Literal["request_parse", "response_parse", "mapping"]
+
+
+class Message(NamedTuple):
+    """One side of an exchange as extraction sees it: the raw body and lower-cased header names."""
+
+    body: bytes
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureTable:
+    """Request features as a rows x columns table.
+
+    `numeric` holds every cell that is a JSON number (NaN and +/-inf literals kept as such) and NaN
+    everywhere else. `missing` marks cells that are absent or null; `non_numeric` marks cells that are
+    present but not a number (strings, booleans, lists, objects). `strings` holds, for each column
+    that has any non-numeric cell, that column's cells as `str` (None where missing or numeric), so
+    categorical features and "wrong type" checks can both be answered from one table.
+    Columns carry the names the payload or the config gave, else their position ("0", "1", ...).
+    """
+
+    columns: tuple[str, ...]
+    numeric: NDArray[np.float64]
+    missing: NDArray[np.bool_]
+    non_numeric: NDArray[np.bool_]
+    strings: Mapping[str, NDArray[np.object_]] = field(default_factory=dict)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.numeric.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Outputs:
+    """Model outputs per row: a class label, its confidence, and/or a regression value."""
+
+    classes: NDArray[np.object_] | None = None
+    confidence: NDArray[np.float64] | None = None
+    value: NDArray[np.float64] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Extraction:
+    """Everything one exchange yielded. A failure on one side leaves the other side usable."""
+
+    features: FeatureTable | None = None
+    outputs: Outputs = field(default_factory=Outputs)
+    batch_size: int = 0
+    model_name: str | None = None
+    model_version: str | None = None
+    errors: tuple[ErrorType, ...] = ()
+
+
+Extractor = Callable[[Message, Message], Extraction]
+"""extract(request, response) -> Extraction. Never raises on bad payloads: it reports `errors`."""
