@@ -1,0 +1,167 @@
+"""Command line: `sidecar serve | check-config | demo | demo-model`. The only module that prints
+or decides exit codes (0 ok, 1 runtime failure, 2 bad configuration or usage)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import uvloop
+
+from sidecar import __version__, logs
+from sidecar.config import ConfigError, load
+
+log = logging.getLogger("sidecar")
+
+# (key, type, help). Each is also a YAML key and a SIDECAR_<KEY> environment variable.
+SERVE_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("upstream", str, "base URL of the model server, e.g. http://127.0.0.1:9000 (required)"),
+    ("host", str, "address the proxy port listens on (default 0.0.0.0)"),
+    ("port", int, "proxy port: clients send model traffic here (default 8080; 0 = any free)"),
+    ("metrics_host", str, "address of the admin port (default: same as --host)"),
+    ("metrics_port", int, "admin port with /metrics, /healthz, /readyz (default 8081)"),
+    ("preset", str, "protocol preset: mlflow, kserve-v1, open-inference-v2, seldon-v1, torchserve"),
+    ("model_name", str, "model_name label when the path does not carry one (default 'model')"),
+    ("model_version", str, "model_version label (default 'unknown')"),
+    ("upstream_timeout", float, "seconds to wait for upstream bytes before 504 (default 60)"),
+    ("health_path", str, "upstream path whose 2xx means ready, e.g. /v2/health/ready"),
+    ("drain_timeout", float, "seconds in-flight requests get to finish on SIGTERM (default 30)"),
+    ("max_body_bytes", int, "bodies above this pass through unparsed (default 10 MiB)"),
+    ("log_level", str, "debug, info, warning or error (default info)"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sidecar",
+        description=(
+            "Observability proxy for ML model servers. Put it in front of an unmodified model "
+            "server: it relays every request byte for byte and exports Prometheus metrics "
+            "(requests, errors, latency, predictions, data quality) on its own admin port."
+        ),
+        epilog="Run 'sidecar COMMAND --help' for the options of each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the proxy in front of a model server",
+        description=(
+            "Relay all traffic on --port to --upstream and serve metrics on --metrics-port. "
+            "Every option is also a config-file key and a SIDECAR_* environment variable "
+            "(e.g. --metrics-port = metrics_port = SIDECAR_METRICS_PORT); "
+            "flags win over the environment, which wins over the file."
+        ),
+    )
+    serve.add_argument("--config", "-c", metavar="FILE", help="YAML config file")
+    for key, kind, text in SERVE_FLAGS:
+        serve.add_argument(
+            "--" + key.replace("_", "-"),
+            dest=key,
+            type=kind,
+            metavar=key.upper(),
+            help=f"{text} [env SIDECAR_{key.upper()}]",
+        )
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config file and exit",
+        description="Validate FILE (with SIDECAR_* variables applied); exit 0 if valid, 2 if not.",
+    )
+    check.add_argument("file", metavar="FILE")
+
+    demo = commands.add_parser(
+        "demo",
+        help="run a bundled toy model with the sidecar in front and send it traffic",
+        description=(
+            "Start the bundled iris model, put the sidecar (kserve-v1 preset) in front of it, "
+            "send traffic, print a metrics excerpt, then keep serving until Ctrl-C."
+        ),
+    )
+    demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
+    demo.add_argument("--metrics-port", type=int, default=8081, help="admin port (default 8081)")
+    demo.add_argument("--requests", type=int, default=200, help="requests to send (default 200)")
+    demo.add_argument(
+        "--once", action="store_true", help="exit after the traffic instead of serving"
+    )
+
+    model = commands.add_parser(
+        "demo-model",
+        help="run only the bundled toy iris model server (KServe V1 and V2 protocols)",
+    )
+    model.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    model.add_argument("--port", type=int, default=9000, help="listen port (default 9000)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {
+        "serve": _serve,
+        "check-config": _check_config,
+        "demo": _demo,
+        "demo-model": _demo_model,
+    }
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        print(f"sidecar: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: getattr(args, key) for key, _, _ in SERVE_FLAGS}
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = load(args.config, overrides=_overrides(args))
+    logs.configure(config.log_level)
+    from sidecar.app import Sidecar  # imported late: `check-config` and `--help` stay light
+
+    try:
+        uvloop.run(Sidecar(config).serve_until_signalled())
+    except OSError as exc:
+        log.error("cannot serve", extra={"error": str(exc)})
+        return 1
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = load(args.file)
+    routes = len(config.routes)
+    print(
+        f"{args.file}: ok (upstream {config.upstream}, preset {config.preset or 'none'}, "
+        f"{routes} route{'s' if routes != 1 else ''})"
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    logs.configure("warning")
+    from sidecar.demo import run_demo
+
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(
+            run_demo(
+                port=args.port,
+                metrics_port=args.metrics_port,
+                requests=args.requests,
+                once=args.once,
+            )
+        )
+    return 0
+
+
+def _demo_model(args: argparse.Namespace) -> int:
+    logs.configure("info")
+    from sidecar.demo import serve_model
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve_model(args.host, args.port))
+    return 0

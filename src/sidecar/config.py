@@ -1,0 +1,261 @@
+"""Settings: one typed, frozen Config, merged from a YAML file, SIDECAR_* variables and flags.
+
+Precedence is flags over environment over file over defaults. Every error names the key, the value
+and what was expected, and says where the value came from.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+import msgspec.inspect
+import yaml
+
+from sidecar.extract.presets import PRESETS
+from sidecar.extract.spec import MappingSpec
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+ENV_PREFIX = "SIDECAR_"
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "*"})
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong kind."""
+
+
+class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One entry of the route table: a name for the `route` label and how to read its payloads."""
+
+    name: str
+    path: str
+    method: str = "*"
+    preset: str | None = None
+    mapping: MappingSpec | None = None
+
+    def __post_init__(self) -> None:
+        if not self.path.startswith("/"):
+            msg = f"path {self.path!r} must start with '/'"
+            raise ValueError(msg)
+        if self.method.upper() not in HTTP_METHODS:
+            msg = f"method {self.method!r} is not one of {sorted(HTTP_METHODS)}"
+            raise ValueError(msg)
+        _check_preset(self.preset)
+
+
+class FeatureRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Data-quality expectations for one feature: values outside [min, max] are out of range."""
+
+    min: float = -math.inf
+    max: float = math.inf
+    type: Literal["numeric", "categorical"] = "numeric"
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Every setting of `sidecar serve`. Field names are the YAML keys and the SIDECAR_* names."""
+
+    upstream: str
+    host: str = "0.0.0.0"  # a sidecar listens on the pod's interfaces by design
+    port: int = 8080
+    metrics_host: str | None = None
+    metrics_port: int = 8081
+    upstream_timeout: float = 60.0
+    connect_timeout: float = 5.0
+    health_path: str | None = None
+    health_interval: float = 5.0
+    drain_timeout: float = 30.0
+    shutdown_delay: float = 0.0
+    log_level: LogLevel = "info"
+    model_name: str = "model"
+    model_version: str = "unknown"
+    framework: str = "unknown"
+    preset: str | None = None
+    routes: tuple[RouteConfig, ...] = ()
+    mapping: MappingSpec | None = None
+    max_body_bytes: int = 10 * 1024 * 1024
+    label_cap: int = 50
+    model_names: tuple[str, ...] = ()
+    low_confidence_threshold: float = 0.7
+    features: dict[str, FeatureRule] = msgspec.field(default_factory=dict)
+    record_queue_size: int = 10_000
+
+    def __post_init__(self) -> None:
+        _check_upstream(self.upstream)
+        _check_preset(self.preset)
+        for key in ("port", "metrics_port"):
+            value = getattr(self, key)
+            if not 0 <= value <= 65535:
+                msg = f"{key} must be a TCP port between 0 and 65535, got {value}"
+                raise ValueError(msg)
+        for key in ("upstream_timeout", "connect_timeout", "health_interval"):
+            if getattr(self, key) <= 0:
+                msg = f"{key} must be a positive number of seconds, got {getattr(self, key)}"
+                raise ValueError(msg)
+        if self.health_path is not None and not self.health_path.startswith("/"):
+            msg = f"health_path {self.health_path!r} must start with '/'"
+            raise ValueError(msg)
+        if not 0.0 <= self.low_confidence_threshold <= 1.0:
+            threshold = self.low_confidence_threshold
+            msg = f"low_confidence_threshold must be within [0, 1], got {threshold}"
+            raise ValueError(msg)
+        if self.label_cap < 1:
+            msg = f"label_cap must be at least 1, got {self.label_cap}"
+            raise ValueError(msg)
+
+    @property
+    def admin_host(self) -> str:
+        return self.metrics_host if self.metrics_host is not None else self.host
+
+
+def _check_upstream(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        msg = f"upstream {url!r} must be an http:// or https:// URL with a host"
+        raise ValueError(msg)
+    if parts.path not in ("", "/") or parts.query:
+        msg = f"upstream {url!r} must not carry a path or query: every path is forwarded as is"
+        raise ValueError(msg)
+
+
+def _check_preset(preset: str | None) -> None:
+    if preset is not None and preset not in PRESETS:
+        msg = f"preset {preset!r} is not one of {', '.join(sorted(PRESETS))}"
+        raise ValueError(msg)
+
+
+# Keys that can come from SIDECAR_* variables and flags: the scalar ones.
+SCALAR_KEYS: tuple[str, ...] = tuple(
+    name
+    for name, kind in Config.__annotations__.items()
+    if kind in ("str", "int", "float", "str | None", "LogLevel")
+)
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Merge file < environment < overrides into a Config, or raise ConfigError saying why not.
+
+    >>> load(environ={"SIDECAR_UPSTREAM": "http://127.0.0.1:9000"}).port
+    8080
+    """
+    raw: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if path is not None:
+        raw.update(_read_file(Path(path)))
+        sources.update(dict.fromkeys(raw, f"config file {path}"))
+    for key, value in _from_environ(os.environ if environ is None else environ).items():
+        raw[key] = value
+        sources[key] = f"environment variable {ENV_PREFIX}{key.upper()}"
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            raw[key] = value
+            sources[key] = f"flag --{key.replace('_', '-')}"
+    return _convert(raw, sources)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        msg = f"cannot read config file {path}: {exc.strerror or exc}"
+        raise ConfigError(msg) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        msg = f"config file {path} is not valid YAML: {exc}"
+        raise ConfigError(msg) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        msg = f"config file {path} must hold a mapping of keys, got {type(data).__name__}"
+        raise ConfigError(msg)
+    return data
+
+
+def _from_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    found = {}
+    for key in SCALAR_KEYS:
+        value = environ.get(ENV_PREFIX + key.upper())
+        if value is not None:
+            found[key] = value
+    return found
+
+
+_PATH_IN_MESSAGE = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_PATH_PART = re.compile(r"\.([A-Za-z_][\w-]*)|\[(\d+)\]")
+
+
+def _convert(raw: dict[str, Any], sources: Mapping[str, str]) -> Config:
+    # Lax conversion lets "8080" from an environment variable become an int.
+    try:
+        return msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(str(exc), raw, sources)) from exc
+
+
+def _explain(message: str, raw: Mapping[str, Any], sources: Mapping[str, str]) -> str:
+    """Turn msgspec's "Expected `int`, got `str` - at `$.port`" into key, value and source."""
+    if message.startswith("Object missing required field `upstream`"):
+        return (
+            "key `upstream` is required: the model server's base URL, e.g. http://127.0.0.1:9000 "
+            "(flag --upstream, variable SIDECAR_UPSTREAM or config key upstream)"
+        )
+    unknown = re.match(r"Object contains unknown field `(?P<field>[^`]+)`", message)
+    match = _PATH_IN_MESSAGE.search(message)
+    path = match["path"] if match else ""
+    detail = _PATH_IN_MESSAGE.sub("", message)
+    if unknown:
+        key = _join(path, unknown["field"])
+        return f"key `{key}` is not a known setting ({_where(key, sources)}); check its spelling"
+    key = path.lstrip(".") or "(top level)"
+    value = _lookup(raw, path)
+    choices = _choices(key)
+    if choices:
+        detail = f"expected one of {', '.join(map(str, choices))}"
+    shown = "" if value is _MISSING else f" has value {value!r};"
+    return f"key `{key}`{shown} {_lower_first(detail)} ({_where(key, sources)})"
+
+
+_MISSING = object()
+
+
+def _choices(key: str) -> tuple[object, ...]:
+    """The allowed values of a top-level Literal setting such as log_level, else ()."""
+    for field in msgspec.inspect.type_info(Config).fields:  # type: ignore[attr-defined]
+        if field.name == key and isinstance(field.type, msgspec.inspect.LiteralType):
+            return tuple(field.type.values)
+    return ()
+
+
+def _lookup(raw: Any, path: str) -> Any:
+    node = raw
+    for name, index in _PATH_PART.findall(path):
+        try:
+            node = node[name] if name else node[int(index)]
+        except (KeyError, IndexError, TypeError):
+            return _MISSING
+    return node
+
+
+def _join(path: str, field: str) -> str:
+    return f"{path.lstrip('.')}.{field}" if path else field
+
+
+def _where(key: str, sources: Mapping[str, str]) -> str:
+    top = re.split(r"[.\[]", key, maxsplit=1)[0]
+    return f"from {sources.get(top, 'defaults')}"
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]

@@ -1,0 +1,172 @@
+"""A tiny bundled model server and a demo run: the toy iris model, the sidecar in front, traffic.
+
+The model is a nearest-centroid iris classifier (class means of the iris data set, softmax over
+negative squared distances). It speaks KServe V1 and the Open Inference Protocol (V2), so the
+`kserve-v1` and `open-inference-v2` presets both work against it with no install at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from typing import Any
+
+import aiohttp
+import numpy as np
+from aiohttp import web
+
+CLASSES = ("setosa", "versicolor", "virginica")
+FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+_CENTROIDS = np.array(
+    [[5.006, 3.428, 1.462, 0.246], [5.936, 2.770, 4.260, 1.326], [6.588, 2.974, 5.552, 2.026]]
+)
+_SPREAD = np.array([0.35, 0.38, 0.17, 0.10, 0.52, 0.31, 0.47, 0.20, 0.64, 0.32, 0.55, 0.27])
+
+
+def predict_proba(rows: np.ndarray) -> np.ndarray:
+    """Class probabilities per row: softmax of minus the squared distance to each centroid."""
+    distances = ((rows[:, None, :] - _CENTROIDS[None, :, :]) ** 2).sum(axis=2)
+    logits = -distances / 0.5
+    logits -= logits.max(axis=1, keepdims=True)
+    weights = np.exp(logits)
+    return np.asarray(weights / weights.sum(axis=1, keepdims=True))
+
+
+def sample_rows(rng: random.Random, count: int, shift: float = 0.0) -> list[list[float]]:
+    """Iris-like rows: a random class centroid plus per-feature noise (shift moves sepal_length)."""
+    rows = []
+    for _ in range(count):
+        label = rng.randrange(3)
+        spread = _SPREAD[label * 4 : label * 4 + 4]
+        row = [round(rng.gauss(c, s), 2) for c, s in zip(_CENTROIDS[label], spread, strict=True)]
+        row[0] = round(row[0] + shift, 2)
+        rows.append(row)
+    return rows
+
+
+def make_model_app(name: str = "iris") -> web.Application:
+    """The toy model server: KServe V1 (`/v1/models/{name}:predict`) and V2 (`/v2/...`)."""
+
+    async def v1_predict(request: web.Request) -> web.Response:
+        try:
+            payload = await request.json()
+            rows = np.asarray(payload.get("instances", payload.get("inputs")), dtype=float)
+            probabilities = predict_proba(rows.reshape(-1, 4))
+        except (ValueError, TypeError, AttributeError) as exc:
+            return web.json_response({"error": f"bad request: {exc}"}, status=400)
+        return web.json_response({"predictions": probabilities.round(6).tolist()})
+
+    async def v2_infer(request: web.Request) -> web.Response:
+        try:
+            payload = await request.json()
+            tensor = payload["inputs"][0]
+            rows = np.asarray(tensor["data"], dtype=float).reshape(tensor["shape"])
+            probabilities = predict_proba(rows.reshape(-1, 4))
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            return web.json_response({"error": f"bad request: {exc}"}, status=400)
+        output = {
+            "name": "predict_proba",
+            "shape": list(probabilities.shape),
+            "datatype": "FP64",
+            "data": probabilities.round(6).ravel().tolist(),
+        }
+        body = {"model_name": name, "id": payload.get("id", ""), "outputs": [output]}
+        return web.json_response(body)
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def model_status(request: web.Request) -> web.Response:
+        return web.json_response({"name": name, "ready": True})
+
+    app = web.Application()
+    app.router.add_post(f"/v1/models/{name}:predict", v1_predict)
+    app.router.add_get(f"/v1/models/{name}", model_status)
+    app.router.add_post(f"/v2/models/{name}/infer", v2_infer)
+    app.router.add_get("/v2/health/ready", ready)
+    app.router.add_get("/v2/health/live", ready)
+    return app
+
+
+async def send_traffic(
+    base_url: str, requests: int, *, batch: int = 4, seed: int = 0, shift: float = 0.0
+) -> dict[int, int]:
+    """POST `requests` KServe V1 predictions of `batch` rows each; return status code counts."""
+    rng = random.Random(seed)
+    codes: dict[int, int] = {}
+    async with aiohttp.ClientSession() as session:
+        for _ in range(requests):
+            body: dict[str, Any] = {"instances": sample_rows(rng, batch, shift)}
+            async with session.post(
+                f"{base_url}/v1/models/iris:predict",
+                data=json.dumps(body),
+                headers={"Content-Type": "application/json"},
+            ) as response:
+                await response.read()
+                codes[response.status] = codes.get(response.status, 0) + 1
+    return codes
+
+
+async def serve_model(host: str, port: int) -> None:
+    """Run the toy model server until cancelled."""
+    runner = web.AppRunner(make_model_app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+async def run_demo(*, port: int, metrics_port: int, requests: int, once: bool) -> None:
+    """Toy model on a free port, the sidecar in front on `port`, traffic, a metrics excerpt."""
+    from sidecar.app import Sidecar  # the demo sits above the app; the app never imports it
+    from sidecar.config import Config
+
+    model = web.AppRunner(make_model_app(), access_log=None)
+    await model.setup()
+    site = web.TCPSite(model, "127.0.0.1", 0)
+    await site.start()
+    model_port = model.addresses[0][1]
+    config = Config(
+        upstream=f"http://127.0.0.1:{model_port}",
+        host="127.0.0.1",
+        port=port,
+        metrics_port=metrics_port,
+        preset="kserve-v1",
+        model_name="iris",
+        model_version="demo",
+        health_interval=2.0,
+    )
+    sidecar = Sidecar(config)
+    await sidecar.start()
+    try:
+        print(f"toy iris model   http://127.0.0.1:{model_port}  (KServe V1 and V2)")
+        print(f"sidecar proxy    {sidecar.proxy_url}  -> the model")
+        print(f"sidecar metrics  {sidecar.admin_url}/metrics  (/healthz, /readyz)")
+        codes = await send_traffic(sidecar.proxy_url, requests)
+        print(f"\nsent {requests} requests of 4 rows through the sidecar: status codes {codes}\n")
+        print(await _metrics_excerpt(sidecar.admin_url))
+        if not once:
+            print("\nserving; try:")
+            print(
+                f"  curl -s {sidecar.proxy_url}/v1/models/iris:predict "
+                """-d '{"instances":[[5.1,3.5,1.4,0.2]]}'"""
+            )
+            print(f"  curl -s {sidecar.admin_url}/metrics | grep ^ml_")
+            print("Ctrl-C to stop.")
+            await asyncio.Event().wait()
+    finally:
+        await sidecar.stop()
+        await model.cleanup()
+
+
+_EXCERPT = ("ml_requests_total", "ml_predictions_total", "ml_prediction_confidence_count")
+
+
+async def _metrics_excerpt(admin_url: str) -> str:
+    async with aiohttp.ClientSession() as session, session.get(f"{admin_url}/metrics") as response:
+        text = await response.text()
+    lines = [line for line in text.splitlines() if line.startswith(_EXCERPT)]
+    return "metrics excerpt:\n  " + "\n  ".join(lines)

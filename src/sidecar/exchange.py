@@ -1,0 +1,54 @@
+"""The exchange record: the one thing that crosses from the proxy to the recorders.
+
+The proxy knows nothing of models and the recorders know nothing of HTTP; this module imports
+nothing of ours so that both can depend on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol, TypeVar
+
+import msgspec
+
+
+class Exchange(msgspec.Struct, frozen=True, gc=False, kw_only=True):
+    """What happened to one request, built after the reply went out.
+
+    Bodies are None unless the route asked for them and they fit the parse limit (`truncated` says
+    a body was wanted but too large). `status` is what the client got; `error` names what the proxy
+    itself saw go wrong (upstream_timeout, upstream_unreachable, upstream_reset, client_disconnect).
+    """
+
+    method: str
+    path: str
+    status: int
+    request_id: str
+    request_headers: Mapping[str, str]
+    response_headers: Mapping[str, str]
+    request_body: bytes | None
+    response_body: bytes | None
+    request_size: int
+    response_size: int
+    upstream_seconds: float
+    total_seconds: float
+    error: str | None = None
+    truncated: bool = False
+
+
+class RouteTicket(Protocol):
+    """What the observer decides when a request arrives, handed back to it at the end."""
+
+    @property
+    def capture_bodies(self) -> bool: ...
+
+
+TicketT = TypeVar("TicketT", bound=RouteTicket)
+
+
+class ExchangeObserver(Protocol[TicketT]):
+    """Told of every request: once when it starts, once after its reply went out."""
+
+    def begin(self, method: str, path: str) -> TicketT: ...
+
+    def end(self, ticket: TicketT, exchange: Exchange) -> None: ...

@@ -1,0 +1,1 @@
+"""The HTTP side: the proxy port's handler, header rules and upstream errors."""

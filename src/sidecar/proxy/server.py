@@ -1,0 +1,241 @@
+"""The proxy port: forward every request to the upstream and relay its answer byte for byte."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, NamedTuple
+
+import aiohttp
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+from yarl import URL
+
+from sidecar.exchange import Exchange, ExchangeObserver, RouteTicket
+from sidecar.proxy.headers import REQUEST_ID, decode_raw, end_to_end, ensure_request_id
+from sidecar.proxy.upstream import UpstreamError, classify
+
+log = logging.getLogger(__name__)
+
+_STREAM_CHUNK = 64 * 1024
+# Bodies up to this size are read whole; larger ones stream through (aiohttp warns, rightly, that
+# writing a large bytes object at once would hold the event loop).
+_WHOLE_BODY_LIMIT = 1024 * 1024
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class RelayResponse(web.StreamResponse):
+    """A StreamResponse that adds nothing: aiohttp would supply Date, Server and a default
+    Content-Type, which the upstream may not have sent (TorchServe sends no Content-Type)."""
+
+    async def _prepare_headers(self) -> None:
+        absent = [
+            name for name in (hdrs.DATE, hdrs.SERVER, hdrs.CONTENT_TYPE) if name not in self.headers
+        ]
+        await super()._prepare_headers()
+        for name in absent:
+            self.headers.popall(name, None)
+
+
+class _Body(NamedTuple):
+    data: bytes | AsyncIterator[bytes] | None
+    captured: list[bytes] | None  # filled while streaming, when the route wants the body
+    size: list[int]  # one cell, updated while streaming
+
+
+class ProxyHandler:
+    """aiohttp low-level handler: one call per request on the proxy port."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        upstream: str,
+        observer: ExchangeObserver[Any],
+        *,
+        max_body_bytes: int,
+    ) -> None:
+        self._session = session
+        self._upstream = upstream.rstrip("/")
+        self._observer = observer
+        self._max_body = max_body_bytes
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        ticket = self._observer.begin(request.method, request.path)
+        headers = end_to_end(request.headers.items())
+        request_id = ensure_request_id(headers)
+        if headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+            # We read the body before the upstream sees the request, so we say "go on" ourselves.
+            del headers[hdrs.EXPECT]
+            if request.transport is not None:
+                request.transport.write(_CONTINUE)
+        body = await self._read_body(request, ticket.capture_bodies)
+        upstream_started = time.perf_counter()
+        try:
+            upstream = await self._session.request(
+                request.method,
+                URL(self._upstream + request.raw_path, encoded=True),
+                headers=headers,
+                data=body.data,
+                allow_redirects=False,
+            )
+        except Exception as exc:  # every failure maps to an answer and a metric
+            error = classify(exc)
+            failed = _Relayed(capture=False, limit=0)
+            failed.fail(error.error_type)
+            answer = await _answer_error(request, error, request_id)
+            self._finish(ticket, request, request_id, answer, body, failed, started, upstream_started)
+            return answer
+        try:
+            response, relay = await self._relay(
+                request, upstream, request_id, ticket.capture_bodies
+            )
+        finally:
+            upstream.release()
+        self._finish(ticket, request, request_id, response, body, relay, started, upstream_started)
+        return response
+
+    async def _read_body(self, request: web.BaseRequest, capture: bool) -> _Body:
+        if not request.body_exists:
+            return _Body(None, None, [0])
+        length = request.content_length
+        if length is not None and length <= min(self._max_body, _WHOLE_BODY_LIMIT):
+            # The common case, small JSON: read it whole and send it with its Content-Length.
+            data = await request.content.read()
+            return _Body(data, [data] if capture else None, [len(data)])
+        too_big = length is not None and length > self._max_body
+        captured: list[bytes] | None = [] if capture and not too_big else None
+        size = [0]
+        return _Body(self._stream(request, captured, size), captured, size)
+
+    async def _stream(
+        self, request: web.BaseRequest, captured: list[bytes] | None, size: list[int]
+    ) -> AsyncIterator[bytes]:
+        async for chunk in request.content.iter_chunked(_STREAM_CHUNK):
+            size[0] += len(chunk)
+            if captured is not None:
+                if size[0] <= self._max_body:
+                    captured.append(chunk)
+                else:
+                    captured.clear()
+                    captured = None
+            yield chunk
+
+    async def _relay(
+        self,
+        request: web.BaseRequest,
+        upstream: aiohttp.ClientResponse,
+        request_id: str,
+        capture: bool,
+    ) -> tuple[RelayResponse, _Relayed]:
+        headers = end_to_end(decode_raw(upstream.raw_headers))
+        if REQUEST_ID not in headers:
+            headers[REQUEST_ID] = request_id
+        response = RelayResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        relayed = _Relayed(capture, self._max_body)
+        await response.prepare(request)
+        while True:
+            try:
+                chunk = await upstream.content.readany()
+            except Exception as exc:  # the upstream broke off mid-body
+                relayed.fail(classify(exc).error_type)
+                # Close the client's connection as the upstream's was: a truncated body, then EOF.
+                response.force_close()
+                if request.transport is not None:
+                    request.transport.close()
+                return response, relayed
+            if not chunk:
+                break
+            relayed.add(chunk)
+            try:
+                await response.write(chunk)
+            except ConnectionError:
+                relayed.fail("client_disconnect")
+                return response, relayed
+        relayed.upstream_done = time.perf_counter()
+        try:
+            await response.write_eof()
+        except ConnectionError:
+            relayed.fail("client_disconnect")
+        return response, relayed
+
+    def _finish(
+        self,
+        ticket: RouteTicket,
+        request: web.BaseRequest,
+        request_id: str,
+        response: web.StreamResponse,
+        body: _Body,
+        relayed: _Relayed,
+        started: float,
+        upstream_started: float,
+    ) -> None:
+        exchange = Exchange(
+            method=request.method,
+            path=request.path,
+            status=response.status,
+            request_id=request_id,
+            request_headers=request.headers,
+            response_headers=response.headers,
+            request_body=b"".join(body.captured) if body.captured else None,
+            response_body=relayed.body(),
+            request_size=body.size[0],
+            response_size=relayed.size,
+            upstream_seconds=max(relayed.upstream_done - upstream_started, 0.0),
+            total_seconds=time.perf_counter() - started,
+            error=relayed.error,
+            truncated=relayed.truncated
+            or (ticket.capture_bodies and body.size[0] > self._max_body),
+        )
+        self._observer.end(ticket, exchange)
+
+
+class _Relayed:
+    """Running totals of a relayed response body, with a capped copy for extraction."""
+
+    __slots__ = ("_chunks", "_limit", "error", "size", "truncated", "upstream_done")
+
+    def __init__(self, capture: bool, limit: int) -> None:
+        self._chunks: list[bytes] | None = [] if capture else None
+        self._limit = limit
+        self.size = 0
+        self.truncated = False
+        self.error: str | None = None
+        self.upstream_done = time.perf_counter()
+
+    def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self._chunks is None:
+            return
+        if self.size <= self._limit:
+            self._chunks.append(chunk)
+        else:
+            self._chunks = None
+            self.truncated = True
+
+    def fail(self, error_type: str) -> None:
+        self.error = error_type
+        self.upstream_done = time.perf_counter()
+
+    def body(self) -> bytes | None:
+        if self._chunks is None or self.error is not None:
+            return None
+        return b"".join(self._chunks)
+
+
+async def _answer_error(
+    request: web.BaseRequest, error: UpstreamError, request_id: str
+) -> web.Response:
+    """The proxy's own answer when the upstream gave none: a short JSON body with the reason."""
+    payload = {"error": error.reason, "detail": str(error), "request_id": request_id}
+    response = web.Response(
+        status=error.status,
+        body=json.dumps(payload).encode(),
+        content_type="application/json",
+        headers=CIMultiDict({REQUEST_ID: request_id}),
+    )
+    await response.prepare(request)
+    await response.write_eof()
+    return response

@@ -1,0 +1,1 @@
+"""Recorders: turn exchanges and extractions into Prometheus series. They never see HTTP objects."""

@@ -1,0 +1,148 @@
+"""Request-level metrics (rate, errors, duration, sizes) for every exchange, app errors kept apart
+from the proxy's own."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from sidecar.exchange import Exchange
+
+MODEL_LABELS = ("model_name", "model_version")
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+SIZE_BUCKETS = tuple(float(4**k * 64) for k in range(11))  # 64 B ... 64 MiB
+
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def error_type(exchange: Exchange) -> str | None:
+    """The proxy's own failure if there was one, else the upstream's status class."""
+    if exchange.error is not None:
+        return exchange.error
+    if exchange.status >= 500:
+        return "upstream_5xx"
+    if exchange.status >= 400:
+        return "client_4xx"
+    return None
+
+
+class RedRecorder:
+    """Owns the RED series. Label children are bound once per label set and reused."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        route_labels = [*MODEL_LABELS, "route"]
+        self._requests = Counter(
+            "ml_requests_total",
+            "Requests relayed, by route, method and the status code the client got.",
+            [*route_labels, "method", "code"],
+            registry=registry,
+        )
+        self._errors = Counter(
+            "ml_errors_total",
+            "Failed requests by error_type: upstream_5xx and client_4xx are the model server's "
+            "answers; upstream_* and client_disconnect are failures the proxy saw; request_parse, "
+            "response_parse and mapping are instrumentation failures (the reply was unaffected).",
+            [*route_labels, "error_type"],
+            registry=registry,
+        )
+        self._duration = Histogram(
+            "ml_request_duration_seconds",
+            "End-to-end time in the sidecar, from request arrival to the last byte sent.",
+            route_labels,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self._upstream = Histogram(
+            "ml_upstream_duration_seconds",
+            "Time from sending the request upstream to its last response byte.",
+            route_labels,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self._overhead = Histogram(
+            "sidecar_overhead_seconds",
+            "Time the proxy hop adds: end-to-end time minus upstream time.",
+            MODEL_LABELS,
+            buckets=OVERHEAD_BUCKETS,
+            registry=registry,
+        )
+        self._request_size = Histogram(
+            "ml_request_size_bytes",
+            "Request body size.",
+            route_labels,
+            buckets=SIZE_BUCKETS,
+            registry=registry,
+        )
+        self._response_size = Histogram(
+            "ml_response_size_bytes",
+            "Response body size.",
+            route_labels,
+            buckets=SIZE_BUCKETS,
+            registry=registry,
+        )
+        self._in_progress = Gauge(
+            "ml_requests_in_progress",
+            "Requests received and not yet answered.",
+            MODEL_LABELS,
+            registry=registry,
+        )
+        self._per_route: dict[tuple[str, str, str], _RouteChildren] = {}
+        self._errors_by_key: dict[tuple[str, str, str, str], Counter] = {}
+        self._requests_by_key: dict[tuple[str, str, str, str, str], Counter] = {}
+
+    def in_progress(self, model: tuple[str, str]) -> Gauge:
+        return self._in_progress.labels(*model)
+
+    def record(self, model: tuple[str, str], route: str, exchange: Exchange) -> None:
+        children = self._children(model, route)
+        children.duration.observe(exchange.total_seconds)
+        children.request_size.observe(exchange.request_size)
+        if exchange.upstream_seconds > 0:
+            children.upstream.observe(exchange.upstream_seconds)
+            children.response_size.observe(exchange.response_size)
+            children.overhead.observe(max(exchange.total_seconds - exchange.upstream_seconds, 0.0))
+        method = exchange.method if exchange.method in _KNOWN_METHODS else "OTHER"
+        self._request_counter(model, route, method, str(exchange.status)).inc()
+        failure = error_type(exchange)
+        if failure is not None:
+            self.count_error(model, route, failure)
+
+    def count_error(self, model: tuple[str, str], route: str, failure: str) -> None:
+        key = (*model, route, failure)
+        child = self._errors_by_key.get(key)
+        if child is None:
+            child = self._errors_by_key[key] = self._errors.labels(*key)
+        child.inc()
+
+    def _request_counter(
+        self, model: tuple[str, str], route: str, method: str, code: str
+    ) -> Counter:
+        key = (*model, route, method, code)
+        child = self._requests_by_key.get(key)
+        if child is None:
+            child = self._requests_by_key[key] = self._requests.labels(*key)
+        return child
+
+    def _children(self, model: tuple[str, str], route: str) -> _RouteChildren:
+        key = (*model, route)
+        children = self._per_route.get(key)
+        if children is None:
+            children = self._per_route[key] = _RouteChildren(
+                duration=self._duration.labels(*key),
+                upstream=self._upstream.labels(*key),
+                request_size=self._request_size.labels(*key),
+                response_size=self._response_size.labels(*key),
+                overhead=self._overhead.labels(*model),
+            )
+        return children
+
+
+class _RouteChildren(NamedTuple):
+    duration: Histogram
+    upstream: Histogram
+    request_size: Histogram
+    response_size: Histogram
+    overhead: Histogram

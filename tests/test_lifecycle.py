@@ -1,0 +1,181 @@
+"""Admin port, readiness, graceful shutdown and the command line, with real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import CannedUpstream, free_port, sample, scrape
+
+
+async def test_admin_endpoints(client, canned_upstream, sidecar):
+    """/healthz is alive, /readyz follows the upstream's health path, /metrics serves text."""
+    async with client.get(sidecar.admin_url + "/healthz") as response:
+        assert response.status == 200
+        assert (await response.json())["status"] == "alive"
+    async with client.get(sidecar.admin_url + "/readyz") as response:
+        assert response.status == 200
+    async with client.get(sidecar.admin_url + "/metrics") as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        assert "ml_model_info" in await response.text()
+
+
+async def test_openmetrics_by_accept_header(client, sidecar):
+    """A scraper that asks for OpenMetrics gets it, with its # EOF trailer."""
+    accept = "application/openmetrics-text; version=1.0.0"
+    async with client.get(sidecar.admin_url + "/metrics", headers={"Accept": accept}) as response:
+        assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+        assert (await response.text()).endswith("# EOF\n")
+
+
+async def test_readiness_follows_upstream(client, canned_upstream: CannedUpstream, start_sidecar):
+    """/readyz turns 503 with a reason when the health path fails, and back when it recovers."""
+    sidecar = await start_sidecar(canned_upstream.url, health_path="/health", health_interval=0.05)
+    canned_upstream.healthy = False
+    for _ in range(200):
+        async with client.get(sidecar.admin_url + "/readyz") as response:
+            if response.status == 503:
+                assert "answered 503" in (await response.json())["reason"]
+                break
+        await asyncio.sleep(0.02)
+    else:
+        pytest.fail("readiness never turned 503")
+    assert sample(await scrape(sidecar), "sidecar_upstream_up") == 0
+
+
+async def test_unreachable_upstream_is_not_ready(client, start_sidecar):
+    """With nothing listening upstream, /readyz says so."""
+    sidecar = await start_sidecar(f"http://127.0.0.1:{free_port()}", health_path="/ping")
+    async with client.get(sidecar.admin_url + "/readyz") as response:
+        assert response.status == 503
+        assert "unreachable" in (await response.json())["reason"]
+
+
+async def test_proxy_port_has_no_admin_paths(client, canned_upstream, sidecar):
+    """/metrics on the proxy port belongs to the model server."""
+    async with client.get(sidecar.proxy_url + "/metrics") as response:
+        assert response.status == 404
+        assert await response.read() == b"no such path"
+    assert canned_upstream.seen[-1]["path_qs"] == "/metrics"
+
+
+async def test_red_metrics_after_traffic(client, canned_upstream, sidecar):
+    """Requests, durations, sizes and overhead are recorded under a bounded route label."""
+    for _ in range(3):
+        async with client.post(sidecar.proxy_url + "/echo/abc?x=1", data=b"12345") as response:
+            await response.read()
+    text = await scrape(sidecar)
+    labels = {"model_name": "model", "model_version": "unknown", "route": "other"}
+    assert sample(text, "ml_requests_total", method="POST", code="200", **labels) == 3
+    assert sample(text, "ml_request_duration_seconds_count", **labels) == 3
+    assert sample(text, "ml_upstream_duration_seconds_count", **labels) == 3
+    assert sample(text, "ml_request_size_bytes_sum", **labels) == 15
+    assert sample(text, "ml_response_size_bytes_sum", **labels) == 15
+    assert sample(text, "sidecar_overhead_seconds_count") == 3
+    assert sample(text, "ml_requests_in_progress") == 0
+    assert "/echo/abc" not in text
+
+
+async def _start_process(upstream: str, *extra: str) -> tuple[asyncio.subprocess.Process, int, int]:
+    port, metrics_port = free_port(), free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sidecar",
+        "serve",
+        "--upstream",
+        upstream,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        *extra,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with aiohttp.ClientSession() as session:
+        for _ in range(300):
+            try:
+                async with session.get(f"http://127.0.0.1:{metrics_port}/healthz") as response:
+                    if response.status == 200:
+                        return process, port, metrics_port
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+    process.kill()
+    pytest.fail("sidecar did not start")
+
+
+async def test_sigterm_drains_in_flight_requests(canned_upstream):
+    """SIGTERM: the in-flight slow request still completes, new connections are refused, exit 0."""
+    process, port, _ = await _start_process(canned_upstream.url, "--drain-timeout", "20")
+    async with aiohttp.ClientSession() as session:
+        slow = asyncio.ensure_future(session.get(f"http://127.0.0.1:{port}/slow"))
+        await asyncio.wait_for(canned_upstream.slow_started.wait(), timeout=10)
+        process.send_signal(signal.SIGTERM)
+        response = await slow
+        assert response.status == 200
+        assert await response.text() == "late"
+    assert await process.wait() == 0
+    assert process.stderr is not None
+    lines = [json.loads(line) for line in (await process.stderr.read()).decode().splitlines()]
+    assert any(line["msg"] == "signal received, draining" for line in lines)
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/echo"):
+            pass
+
+
+async def test_logs_are_json_lines_without_per_request_lines(canned_upstream):
+    """The process logs JSON objects and stays quiet per request at the default level."""
+    process, port, _ = await _start_process(canned_upstream.url)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(5):
+            async with session.get(f"http://127.0.0.1:{port}/echo") as response:
+                await response.read()
+    process.send_signal(signal.SIGTERM)
+    assert await process.wait() == 0
+    assert process.stderr is not None
+    lines = [json.loads(line) for line in (await process.stderr.read()).decode().splitlines()]
+    messages = [line["msg"] for line in lines]
+    assert messages[-3:] == ["serving", "signal received, draining", "stopped"]
+    assert set(messages) <= {
+        "upstream readiness changed",
+        "serving",
+        "signal received, draining",
+        "stopped",
+    }
+
+
+def test_bad_config_exits_2_before_serving(tmp_path: Path):
+    """A bad config file stops `serve` with exit code 2 and the reason on stderr."""
+    config = tmp_path / "bad.yaml"
+    config.write_text("upstream: http://127.0.0.1:1\nport: eighty\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "key `port` has value 'eighty'" in result.stderr
+
+
+def test_help_explains(capsys):
+    """`sidecar --help` lists the commands; `serve --help` names the env variables."""
+    from sidecar.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert "--metrics-port" in out
+    assert "SIDECAR_METRICS_PORT" in out

@@ -1,0 +1,51 @@
+"""When the upstream fails, the client hears it from the proxy, and the metrics say why."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from tests.conftest import free_port, sample, scrape
+
+
+async def test_upstream_down_gives_502_json(client, start_sidecar):
+    """Connection refused: 502 with a short JSON reason, counted as upstream_unreachable."""
+    sidecar = await start_sidecar(f"http://127.0.0.1:{free_port()}")
+    async with client.post(sidecar.proxy_url + "/predict", data=b"{}") as response:
+        assert response.status == 502
+        assert response.headers["Content-Type"].startswith("application/json")
+        body = await response.json()
+        assert body["error"] == "upstream unreachable"
+        assert body["request_id"] == response.headers["X-Request-ID"]
+    text = await scrape(sidecar)
+    assert sample(text, "ml_errors_total", error_type="upstream_unreachable") == 1
+    assert sample(text, "ml_requests_total", code="502", method="POST") == 1
+
+
+async def test_slow_upstream_gives_504(client, canned_upstream, start_sidecar):
+    """No answer within upstream_timeout: 504, counted as upstream_timeout."""
+    sidecar = await start_sidecar(canned_upstream.url, upstream_timeout=0.3)
+    async with client.get(sidecar.proxy_url + "/slow") as response:
+        assert response.status == 504
+        assert (await response.json())["error"] == "upstream timed out"
+    text = await scrape(sidecar)
+    assert sample(text, "ml_errors_total", error_type="upstream_timeout") == 1
+
+
+async def test_reset_mid_body_closes_client_connection(client, canned_upstream, sidecar):
+    """An upstream that dies mid-body: the client's connection closes early too, and it counts."""
+    async with client.get(sidecar.proxy_url + "/reset") as response:
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    text = await scrape(sidecar)
+    assert sample(text, "ml_errors_total", error_type="upstream_reset") == 1
+
+
+async def test_proxy_keeps_serving_after_failures(client, canned_upstream, sidecar):
+    """A reset or timeout on one request leaves the next one untouched."""
+    async with client.get(sidecar.proxy_url + "/reset") as response:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    async with client.post(sidecar.proxy_url + "/echo", data=b"after") as response:
+        assert await response.read() == b"after"
