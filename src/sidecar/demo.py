@@ -123,6 +123,7 @@ async def run_demo(*, port: int, metrics_port: int, requests: int, once: bool) -
     """Toy model on a free port, the sidecar in front on `port`, traffic, a metrics excerpt."""
     from sidecar.app import Sidecar  # the demo sits above the app; the app never imports it
     from sidecar.config import Config
+    from sidecar.extract.spec import MappingSpec
 
     model = web.AppRunner(make_model_app(), access_log=None)
     await model.setup()
@@ -135,6 +136,7 @@ async def run_demo(*, port: int, metrics_port: int, requests: int, once: bool) -
         port=port,
         metrics_port=metrics_port,
         preset="kserve-v1",
+        mapping=MappingSpec(class_names=CLASSES),
         model_name="iris",
         model_version="demo",
         health_interval=2.0,

@@ -17,6 +17,8 @@ from sidecar.exchange import Exchange
 from sidecar.extract.types import Message
 from sidecar.logs import RateLimitedLog
 from sidecar.recorders.labels import LabelCap, OverflowCounter
+from sidecar.recorders.outputs import OutputRecorder
+from sidecar.recorders.quality import QualityRecorder
 from sidecar.recorders.red import MODEL_LABELS, RedRecorder
 from sidecar.routes import Route, RouteTable
 
@@ -38,6 +40,15 @@ class Pipeline:
         self._routes = routes
         self._red = RedRecorder(registry)
         overflow = OverflowCounter(registry)
+        self._outputs = OutputRecorder(
+            registry,
+            overflow=overflow,
+            label_cap=config.label_cap,
+            low_confidence_threshold=config.low_confidence_threshold,
+        )
+        self._quality = QualityRecorder(
+            registry, rules=config.features, overflow=overflow, label_cap=config.label_cap
+        )
         self._model_names = LabelCap(
             "model_name", limit=config.label_cap, overflow=overflow, allowed=config.model_names
         )
@@ -105,6 +116,9 @@ class Pipeline:
             self._complaints.warning(
                 failure, "payload could not be read", route=ticket.route.name, error_type=failure
             )
+        self._outputs.record(ticket.model, ticket.route.name, extraction)
+        if extraction.features is not None:
+            self._quality.record(ticket.model, extraction.features)
 
     def _model_labels(self, params: Mapping[str, str]) -> tuple[str, str]:
         name = params.get("model")

@@ -86,7 +86,9 @@ class ProxyHandler:
             failed = _Relayed(capture=False, limit=0)
             failed.fail(error.error_type)
             answer = await _answer_error(request, error, request_id)
-            self._finish(ticket, request, request_id, answer, body, failed, started, upstream_started)
+            self._finish(
+                ticket, request, request_id, answer, body, failed, started, upstream_started
+            )
             return answer
         try:
             response, relay = await self._relay(

@@ -1,0 +1,90 @@
+"""Model-output metrics: predicted classes, confidence, low-confidence counts, regression values
+and batch size, recorded per batch."""
+
+from __future__ import annotations
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from sidecar.extract.types import Extraction
+from sidecar.recorders.batch import observe_many
+from sidecar.recorders.labels import LabelCap, OverflowCounter
+from sidecar.recorders.red import MODEL_LABELS
+
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+BATCH_BUCKETS = tuple(float(2**k) for k in range(17))  # 1 ... 65,536 rows
+VALUE_BUCKETS = (-1000.0, -100.0, -10.0, -1.0, 0.0, 1.0, 10.0, 100.0, 1000.0, 10000.0)
+
+
+class OutputRecorder:
+    """Counts what the model answered. Class names come from payloads, so they are capped."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        overflow: OverflowCounter,
+        label_cap: int,
+        low_confidence_threshold: float,
+    ) -> None:
+        self._overflow = overflow
+        self._label_cap = label_cap
+        self._threshold = low_confidence_threshold
+        self._classes: dict[tuple[str, str], LabelCap] = {}
+        self._predictions = Counter(
+            "ml_predictions_total",
+            "Predicted rows by class, one per row; classes beyond the cap count as __other__.",
+            [*MODEL_LABELS, "class"],
+            registry=registry,
+        )
+        self._confidence = Histogram(
+            "ml_prediction_confidence",
+            "Confidence of the predicted class (the highest probability), per row.",
+            MODEL_LABELS,
+            buckets=CONFIDENCE_BUCKETS,
+            registry=registry,
+        )
+        self._low_confidence = Counter(
+            "ml_low_confidence_predictions_total",
+            f"Rows with confidence below low_confidence_threshold ({low_confidence_threshold}).",
+            MODEL_LABELS,
+            registry=registry,
+        )
+        self._value = Histogram(
+            "ml_prediction_value",
+            "Regression outputs, per row.",
+            MODEL_LABELS,
+            buckets=VALUE_BUCKETS,
+            registry=registry,
+        )
+        self._batch = Histogram(
+            "ml_batch_size",
+            "Rows per request.",
+            [*MODEL_LABELS, "route"],
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+
+    def record(self, model: tuple[str, str], route: str, extraction: Extraction) -> None:
+        if extraction.batch_size:
+            self._batch.labels(*model, route).observe(extraction.batch_size)
+        outputs = extraction.outputs
+        if outputs.classes is not None and outputs.classes.size:
+            self._count_classes(model, outputs.classes)
+        if outputs.confidence is not None and outputs.confidence.size:
+            observe_many(self._confidence.labels(*model), outputs.confidence)
+            low = int(np.count_nonzero(outputs.confidence < self._threshold))
+            if low:
+                self._low_confidence.labels(*model).inc(low)
+        if outputs.value is not None and outputs.value.size:
+            observe_many(self._value.labels(*model), outputs.value)
+
+    def _count_classes(self, model: tuple[str, str], classes: np.ndarray) -> None:
+        cap = self._classes.get(model)
+        if cap is None:
+            cap = self._classes[model] = LabelCap(
+                "class", limit=self._label_cap, overflow=self._overflow
+            )
+        names, counts = np.unique(classes.astype(str), return_counts=True)
+        for name, count in zip(names.tolist(), counts.tolist(), strict=True):
+            self._predictions.labels(*model, cap.fold(name)).inc(count)

@@ -1,0 +1,140 @@
+"""From traffic to model metrics through a real proxy: presets, custom mappings and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from sidecar.app import Sidecar
+from sidecar.config import RouteConfig
+from sidecar.demo import CLASSES, make_model_app
+from sidecar.extract.spec import MappingSpec
+from tests.conftest import StartSidecar, sample, scrape
+
+
+@pytest.fixture
+async def toy_model() -> AsyncIterator[str]:
+    runner = web.AppRunner(make_model_app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await runner.cleanup()
+
+
+async def settled(sidecar: Sidecar, name: str, expected: float, **labels: str) -> str:
+    """Scrape until a sample reaches its expected value: payloads are recorded after the reply."""
+    text = ""
+    for _ in range(100):
+        text = await scrape(sidecar)
+        if sample(text, name, **labels) == expected:
+            return text
+        await asyncio.sleep(0.02)
+    return text
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/json"}
+    async with session.post(url, data=body, headers=headers) as response:
+        return response.status, await response.read()
+
+
+async def test_kserve_preset_counts_every_returned_class(toy_model, start_sidecar: StartSidecar):
+    """ml_predictions_total per class equals the classes the model actually returned."""
+    sidecar = await start_sidecar(
+        toy_model, preset="kserve-v1", mapping=MappingSpec(class_names=CLASSES)
+    )
+    returned: Counter[str] = Counter()
+    rows = [[5.1, 3.5, 1.4, 0.2], [7.0, 3.2, 4.7, 1.4], [6.3, 3.3, 6.0, 2.5], [6.0, 2.9, 4.5, 1.5]]
+    async with aiohttp.ClientSession() as session:
+        for size in (1, 2, 3, 4, 4, 2):
+            body = json.dumps({"instances": rows[:size]}).encode()
+            status, answer = await post(
+                session, f"{sidecar.proxy_url}/v1/models/iris:predict", body
+            )
+            assert status == 200
+            for probabilities in json.loads(answer)["predictions"]:
+                returned[CLASSES[probabilities.index(max(probabilities))]] += 1
+    total = sum(returned.values())
+    text = await settled(sidecar, "ml_prediction_confidence_count", total, model_name="iris")
+    for name, count in returned.items():
+        assert sample(text, "ml_predictions_total", model_name="iris", **{"class": name}) == count
+    assert sample(text, "ml_batch_size_sum", route="predict", model_name="iris") == total
+    assert sample(text, "ml_requests_total", route="predict", code="200", model_name="iris") == 6
+
+
+async def test_bad_json_is_counted_and_the_reply_untouched(toy_model, start_sidecar):
+    """Malformed JSON reaches the model as sent, its answer reaches the client, and it counts."""
+    sidecar = await start_sidecar(toy_model, preset="kserve-v1")
+    async with aiohttp.ClientSession() as session:
+        direct = await post(session, f"{toy_model}/v1/models/iris:predict", b'{"instances": [[1,')
+        proxied = await post(
+            session, f"{sidecar.proxy_url}/v1/models/iris:predict", b'{"instances": [[1,'
+        )
+    assert proxied == direct
+    assert proxied[0] == 400
+    text = await scrape(sidecar)
+    assert sample(text, "ml_errors_total", error_type="client_4xx", route="predict") == 1
+
+
+async def test_unparseable_success_counts_a_parse_error(canned_upstream, start_sidecar):
+    """A 2xx whose request is not JSON: the reply passes, request_parse is counted."""
+    route = RouteConfig(
+        name="echo", method="POST", path="/echo", mapping=MappingSpec(features="instances")
+    )
+    sidecar = await start_sidecar(canned_upstream.url, routes=(route,))
+    async with aiohttp.ClientSession() as session:
+        status, body = await post(session, f"{sidecar.proxy_url}/echo", b"not json at all")
+    assert (status, body) == (200, b"not json at all")
+    await settled(sidecar, "ml_errors_total", 1, error_type="request_parse")
+
+
+async def test_custom_mapping_and_data_quality(canned_upstream, start_sidecar):
+    """A JMESPath route yields classes and data-quality counts, with no preset at all."""
+    route = RouteConfig(
+        name="json",
+        method="POST",
+        path="/json",
+        mapping=MappingSpec(
+            features="instances",
+            feature_names=("a", "b"),
+            probabilities="predictions",
+            class_names=("no", "yes"),
+        ),
+    )
+    sidecar = await start_sidecar(canned_upstream.url, routes=(route,), model_name="custom")
+    body = json.dumps({"instances": [[1.0, None]]}).encode()
+    async with aiohttp.ClientSession() as session:
+        status, _ = await post(session, f"{sidecar.proxy_url}/json", body)
+    assert status == 200
+    text = await settled(sidecar, "ml_predictions_total", 1, **{"class": "yes"})
+    assert sample(text, "ml_feature_missing_total", feature="b", model_name="custom") == 1
+
+
+async def test_body_over_parse_limit_passes_unparsed(canned_upstream, start_sidecar):
+    """Above max_body_bytes the exchange is relayed intact and counted as not parsed."""
+    route = RouteConfig(name="echo", path="/echo", mapping=MappingSpec(features="instances"))
+    sidecar = await start_sidecar(canned_upstream.url, routes=(route,), max_body_bytes=1000)
+    body = json.dumps({"instances": [[1.0] * 500]}).encode()
+    async with aiohttp.ClientSession() as session:
+        status, answer = await post(session, f"{sidecar.proxy_url}/echo", body)
+    assert (status, answer) == (200, body)
+    text = await scrape(sidecar)
+    assert sample(text, "sidecar_dropped_observations_total", reason="body_too_large") == 1
+    assert sample(text, "ml_errors_total", error_type="request_parse") is None
+
+
+async def test_model_names_from_paths_are_capped(toy_model, start_sidecar):
+    """Model names taken from the path stop at label_cap; the rest are __other__."""
+    sidecar = await start_sidecar(toy_model, preset="kserve-v1", label_cap=2)
+    async with aiohttp.ClientSession() as session:
+        for index in range(5):
+            await post(session, f"{sidecar.proxy_url}/v1/models/m{index}:predict", b"{}")
+    text = await scrape(sidecar)
+    assert sample(text, "ml_requests_total", model_name="__other__", code="404") == 3
+    assert sample(text, "sidecar_label_overflow_total", label="model_name") == 3
