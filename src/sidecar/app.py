@@ -136,7 +136,11 @@ class Sidecar:
             signal.SIGINT,  # Ctrl-C in a terminal.
         ):
             loop.add_signal_handler(signum, stop.set)
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()  # release what was opened before the failure (a port in use)
+            raise
         await stop.wait()
         log.info("signal received, draining", extra={"drain_timeout": self.config.drain_timeout})
         await self.stop()

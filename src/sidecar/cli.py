@@ -9,6 +9,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -80,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="run a bundled toy model with the sidecar in front and send it traffic",
         description=(
-            "Start the bundled iris model, put the sidecar (kserve-v1 preset) in front of it, "
-            "send traffic, print a metrics excerpt, then keep serving until Ctrl-C."
+            "Start an iris model server (a real MLServer with --mlserver, else the bundled toy "
+            "model), put the sidecar in front of it, send traffic, print a metrics excerpt, "
+            "then keep serving until Ctrl-C."
         ),
     )
     demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
@@ -89,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=200, help="requests to send (default 200)")
     demo.add_argument(
         "--once", action="store_true", help="exit after the traffic instead of serving"
+    )
+    demo.add_argument(
+        "--mlserver",
+        type=Path,
+        metavar="PATH",
+        help="the `mlserver` script of a venv with mlserver-sklearn (scripts/install-mlserver "
+        "makes one): serve a real MLServer iris model instead of the bundled toy model",
     )
 
     model = commands.add_parser(
@@ -153,6 +162,7 @@ def _demo(args: argparse.Namespace) -> int:
                 metrics_port=args.metrics_port,
                 requests=args.requests,
                 once=args.once,
+                mlserver=args.mlserver,
             )
         )
     return 0

@@ -8,8 +8,11 @@ negative squared distances). It speaks KServe V1 and the Open Inference Protocol
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -119,49 +122,78 @@ async def serve_model(host: str, port: int) -> None:
         await runner.cleanup()
 
 
-async def run_demo(*, port: int, metrics_port: int, requests: int, once: bool) -> None:
-    """Toy model on a free port, the sidecar in front on `port`, traffic, a metrics excerpt."""
+async def run_demo(
+    *, port: int, metrics_port: int, requests: int, once: bool, mlserver: Path | None
+) -> None:
+    """A model server, the sidecar in front of it on `port`, traffic, a metrics excerpt.
+
+    With `mlserver` (the `mlserver` script of a venv that has mlserver-sklearn), a real MLServer
+    serves a scikit-learn iris model over the Open Inference Protocol; otherwise the toy model
+    answers KServe V1 requests.
+    """
     from sidecar.app import Sidecar  # the demo sits above the app; the app never imports it
     from sidecar.config import Config
     from sidecar.extract.spec import MappingSpec
 
-    model = web.AppRunner(make_model_app(), access_log=None)
-    await model.setup()
-    site = web.TCPSite(model, "127.0.0.1", 0)
-    await site.start()
-    model_port = model.addresses[0][1]
-    config = Config(
-        upstream=f"http://127.0.0.1:{model_port}",
-        host="127.0.0.1",
-        port=port,
-        metrics_port=metrics_port,
-        preset="kserve-v1",
-        mapping=MappingSpec(class_names=CLASSES),
-        model_name="iris",
-        model_version="demo",
-        health_interval=2.0,
-    )
-    sidecar = Sidecar(config)
-    await sidecar.start()
-    try:
-        print(f"toy iris model   http://127.0.0.1:{model_port}  (KServe V1 and V2)")
-        print(f"sidecar proxy    {sidecar.proxy_url}  -> the model")
+    async with contextlib.AsyncExitStack() as stack:
+        if mlserver is not None:
+            from sidecar.mlserver import run_mlserver, send_v2_traffic
+
+            print("starting MLServer (trains the iris model first) ...", flush=True)
+            server = await stack.enter_async_context(run_mlserver(mlserver, Path(".demo/mlserver")))
+            upstream, preset, what = server.url, "open-inference-v2", "MLServer iris (V2)"
+        else:
+            upstream = await stack.enter_async_context(_toy_model())
+            preset, what = "kserve-v1", "toy iris model (KServe V1, V2)"
+        config = Config(
+            upstream=upstream,
+            host="127.0.0.1",
+            port=port,
+            metrics_port=metrics_port,
+            preset=preset,
+            mapping=MappingSpec(class_names=CLASSES),
+            model_name="iris",
+            health_interval=2.0,
+        )
+        sidecar = Sidecar(config)
+        await sidecar.start()
+        stack.push_async_callback(sidecar.stop)
+        print(f"model server     {upstream}  ({what})")
+        print(f"sidecar proxy    {sidecar.proxy_url}  -> the model server")
         print(f"sidecar metrics  {sidecar.admin_url}/metrics  (/healthz, /readyz)")
-        codes = await send_traffic(sidecar.proxy_url, requests)
-        print(f"\nsent {requests} requests of 4 rows through the sidecar: status codes {codes}\n")
+        if mlserver is not None:
+            await send_v2_traffic(sidecar.proxy_url, requests, rows_per_request=(1, 4, 8))
+            example = "/v2/models/iris/infer"
+            body = _V2_EXAMPLE
+        else:
+            await send_traffic(sidecar.proxy_url, requests)
+            example = "/v1/models/iris:predict"
+            body = '{"instances":[[5.1,3.5,1.4,0.2]]}'
+        print(f"\nsent {requests} prediction requests through the sidecar\n")
         print(await _metrics_excerpt(sidecar.admin_url))
         if not once:
             print("\nserving; try:")
-            print(
-                f"  curl -s {sidecar.proxy_url}/v1/models/iris:predict "
-                """-d '{"instances":[[5.1,3.5,1.4,0.2]]}'"""
-            )
+            json_header = "-H 'Content-Type: application/json'"
+            print(f"  curl -s {sidecar.proxy_url}{example} {json_header} -d '{body}'")
             print(f"  curl -s {sidecar.admin_url}/metrics | grep ^ml_")
-            print("Ctrl-C to stop.")
+            print("Ctrl-C to stop.", flush=True)
             await asyncio.Event().wait()
+
+
+_V2_EXAMPLE = (
+    '{"inputs":[{"name":"input-0","shape":[1,4],"datatype":"FP64","data":[5.1,3.5,1.4,0.2]}]}'
+)
+
+
+@contextlib.asynccontextmanager
+async def _toy_model() -> AsyncIterator[str]:
+    runner = web.AppRunner(make_model_app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
-        await sidecar.stop()
-        await model.cleanup()
+        await runner.cleanup()
 
 
 _EXCERPT = ("ml_requests_total", "ml_predictions_total", "ml_prediction_confidence_count")

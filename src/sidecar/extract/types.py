@@ -26,11 +26,11 @@ class Message(NamedTuple):
 class FeatureTable:
     """Request features as a rows x columns table.
 
-    `numeric` holds every cell that is a JSON number (NaN and +/-inf literals kept as such) and NaN
-    everywhere else. `missing` marks cells that are absent or null; `non_numeric` marks cells that are
-    present but not a number (strings, booleans, lists, objects). `strings` holds, for each column
-    that has any non-numeric cell, that column's cells as `str` (None where missing or numeric), so
-    categorical features and "wrong type" checks can both be answered from one table.
+    `numeric` holds every cell that is a JSON number (NaN and +/-inf literals kept as such) and
+    NaN everywhere else. `missing` marks cells that are absent or null; `non_numeric` marks cells
+    that are present but not a number (strings, booleans, lists, objects). `strings` holds, for
+    each column that has any non-numeric cell, that column's cells as `str` (None where missing or
+    numeric), so categorical features and "wrong type" checks are answered from one table.
     Columns carry the names the payload or the config gave, else their position ("0", "1", ...).
     """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -29,6 +30,10 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 class RelayResponse(web.StreamResponse):
     """A StreamResponse that adds nothing: aiohttp would supply Date, Server and a default
     Content-Type, which the upstream may not have sent (TorchServe sends no Content-Type)."""
+
+    def coalesce_headers(self) -> None:
+        """Send the headers with the first body bytes instead of on their own."""
+        self._send_headers_immediately = False
 
     async def _prepare_headers(self) -> None:
         absent = [
@@ -136,8 +141,17 @@ class ProxyHandler:
         if REQUEST_ID not in headers:
             headers[REQUEST_ID] = request_id
         response = RelayResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        if upstream.content_length is not None:
+            # Not a stream: hold the headers until the first body bytes, so that a small reply
+            # leaves in one write. A stream (no length) gets its headers at once.
+            response.coalesce_headers()
         relayed = _Relayed(capture, self._max_body)
-        await response.prepare(request)
+        try:
+            await response.prepare(request)
+        except ConnectionError:
+            relayed.fail("client_disconnect")
+            return response, relayed
+        last = b""
         while True:
             try:
                 chunk = await upstream.content.readany()
@@ -151,6 +165,9 @@ class ProxyHandler:
             if not chunk:
                 break
             relayed.add(chunk)
+            if upstream.content.at_eof():
+                last = chunk  # the final bytes go out with the end of the message
+                break
             try:
                 await response.write(chunk)
             except ConnectionError:
@@ -158,7 +175,7 @@ class ProxyHandler:
                 return response, relayed
         relayed.upstream_done = time.perf_counter()
         try:
-            await response.write_eof()
+            await response.write_eof(last)
         except ConnectionError:
             relayed.fail("client_disconnect")
         return response, relayed
@@ -238,6 +255,8 @@ async def _answer_error(
         content_type="application/json",
         headers=CIMultiDict({REQUEST_ID: request_id}),
     )
-    await response.prepare(request)
-    await response.write_eof()
+    # The client may be gone already (it gave up waiting); then there is nobody left to tell.
+    with contextlib.suppress(ConnectionError):
+        await response.prepare(request)
+        await response.write_eof()
     return response

@@ -89,12 +89,16 @@ class RedRecorder:
             MODEL_LABELS,
             registry=registry,
         )
+        self._in_progress_by_model: dict[tuple[str, str], Gauge] = {}
         self._per_route: dict[tuple[str, str, str], _RouteChildren] = {}
         self._errors_by_key: dict[tuple[str, str, str, str], Counter] = {}
         self._requests_by_key: dict[tuple[str, str, str, str, str], Counter] = {}
 
     def in_progress(self, model: tuple[str, str]) -> Gauge:
-        return self._in_progress.labels(*model)
+        child = self._in_progress_by_model.get(model)
+        if child is None:
+            child = self._in_progress_by_model[model] = self._in_progress.labels(*model)
+        return child
 
     def record(self, model: tuple[str, str], route: str, exchange: Exchange) -> None:
         children = self._children(model, route)

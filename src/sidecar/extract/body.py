@@ -1,0 +1,120 @@
+"""Turning one side of an exchange into a JSON value, or deciding that it is not ours to parse.
+
+A body is parsed only when it says it is JSON or says nothing (TorchServe sends no Content-Type on
+200). CSV, images, Triton's binary tensors and encodings we cannot undo are skipped without an
+error: they are valid traffic, just not JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from typing import Any, Final, NamedTuple
+
+import orjson
+
+from sidecar.extract.errors import BodyError
+from sidecar.extract.types import Message
+
+__all__ = ["MAX_INFLATED_BYTES", "SKIPPED", "Decoded", "Parsed", "decode"]
+
+# A compressed body is inflated at most to this size, so a small gzip bomb cannot take the process's
+# memory in the post-reply path.
+MAX_INFLATED_BYTES: Final = 64 * 1024 * 1024
+
+# Triton's binary tensor extension: the body is a JSON header of this many bytes, then raw tensors.
+_BINARY_HEADER: Final = "inference-header-content-length"
+# zlib window bits per Content-Encoding: gzip framing; deflate is zlib-wrapped per RFC 9110, but
+# some servers send it raw, so both are tried.
+_WBITS: Final = {"gzip": (31,), "x-gzip": (31,), "deflate": (15, -15)}
+
+
+class _Skipped:
+    """Marker for a body that is empty or not JSON by its own headers; nothing to extract."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "SKIPPED"
+
+
+SKIPPED: Final = _Skipped()
+
+
+class Parsed(NamedTuple):
+    """A parsed JSON body and the (decompressed) bytes it came from."""
+
+    value: Any
+    raw: bytes
+
+    @property
+    def may_hold_booleans(self) -> bool:
+        """Whether `true`/`false` occur anywhere in the body: a byte scan, no walk over the value.
+
+        numpy reads JSON booleans as 1.0/0.0, so a table built in one vectorised step is exact only
+        when the body holds no boolean at all (or the 0/1 cells are checked one by one).
+        """
+        return b"true" in self.raw or b"false" in self.raw
+
+
+Decoded = Parsed | _Skipped
+"""What a body decoder returns: the parsed body, or SKIPPED."""
+
+
+def decode(message: Message) -> Decoded:
+    """The parsed JSON body, SKIPPED if there is nothing to parse; BodyError if it is not JSON."""
+    headers = message.headers
+    if _BINARY_HEADER in headers or not _is_json_type(headers.get("content-type")):
+        return SKIPPED
+    body = _inflate(message.body, headers.get("content-encoding"))
+    if body is None or not body or body.isspace():
+        return SKIPPED
+    try:
+        return Parsed(orjson.loads(body), body)
+    except orjson.JSONDecodeError:
+        pass
+    # orjson rejects NaN/Infinity literals and numbers beyond a double, which Python's json reads
+    # as nan/inf; the slow parser runs only for bodies that orjson refused.
+    try:
+        return Parsed(json.loads(body), body)
+    except (ValueError, RecursionError) as exc:
+        msg = f"body is not JSON: {exc}"
+        raise BodyError(msg) from None
+
+
+def _is_json_type(content_type: str | None) -> bool:
+    if content_type is None:
+        return True
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media in ("", "application/json", "text/json") or media.endswith("+json")
+
+
+def _inflate(body: bytes, encoding: str | None) -> bytes | None:
+    """The body with its Content-Encoding undone; None for encodings we do not decode (br, zstd).
+
+    A body that does not inflate is returned as it is: an HTTP client may already have decoded it
+    while the header stayed, and if it really is broken, JSON parsing reports it.
+    """
+    coding = (encoding or "identity").strip().lower()
+    if coding == "identity":
+        return body
+    if coding not in _WBITS:
+        return None
+    for wbits in _WBITS[coding]:
+        inflated = _bounded_inflate(body, wbits)
+        if inflated is not None:
+            return inflated
+    return body
+
+
+def _bounded_inflate(body: bytes, wbits: int) -> bytes | None:
+    """The inflated body, None if it is not a complete stream of this kind; BodyError if too big."""
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(body, MAX_INFLATED_BYTES)
+    except zlib.error:
+        return None
+    if inflater.unconsumed_tail:
+        msg = f"body inflates to more than {MAX_INFLATED_BYTES} bytes"
+        raise BodyError(msg)
+    return out if inflater.eof else None

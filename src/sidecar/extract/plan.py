@@ -1,0 +1,155 @@
+"""What a route reads on each side (a Plan) and the extractor closure assembled from it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from sidecar.extract.body import Decoded, Parsed, decode
+from sidecar.extract.errors import BodyError
+from sidecar.extract.predictions import ClassNames
+from sidecar.extract.types import ErrorType, Extraction, Extractor, FeatureTable, Message, Outputs
+
+__all__ = [
+    "Decoder",
+    "FeatureReader",
+    "OutputReader",
+    "Plan",
+    "TextReader",
+    "Vocabulary",
+    "assemble",
+]
+
+FeatureReader = Callable[[Parsed], FeatureTable | None]
+"""Parsed request -> feature table; None when the payload carries no features by design."""
+OutputReader = Callable[[Any], Outputs]
+"""Parsed response body -> outputs."""
+TextReader = Callable[[Any], str | None]
+"""Parsed response body -> a model name or version."""
+Decoder = Callable[[Message], Decoded]
+"""Message -> parsed body or SKIPPED; raises BodyError. JSON by default; a streaming protocol
+(e.g. server-sent events) brings its own."""
+
+# Readers walk untrusted JSON the EAFP way: a missing key is a KeyError, a list where an object was
+# expected a TypeError, a bad reshape a ValueError, very deep nesting a RecursionError. Each of
+# them means "the payload is not shaped as the mapping says", which is what `mapping` reports.
+_BAD_PAYLOAD = (ValueError, TypeError, LookupError, ArithmeticError, RecursionError)
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class Vocabulary:
+    """Names from the config that a preset applies: positional feature names, class names."""
+
+    feature_names: tuple[str, ...] | None = None
+    classes: ClassNames = field(default_factory=ClassNames)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The readers of one route; a None reader means that side or field is not read at all."""
+
+    features: FeatureReader | None = None
+    outputs: OutputReader | None = None
+    model_name: TextReader | None = None
+    model_version: TextReader | None = None
+    decode_request: Decoder = decode
+    decode_response: Decoder = decode
+
+    def overlay(self, other: Plan) -> Plan:
+        """This plan with every reader that `other` sets replaced by `other`'s."""
+        return Plan(
+            features=other.features or self.features,
+            outputs=other.outputs or self.outputs,
+            model_name=other.model_name or self.model_name,
+            model_version=other.model_version or self.model_version,
+            decode_request=self.decode_request,
+            decode_response=self.decode_response,
+        )
+
+
+def assemble(plan: Plan) -> Extractor:
+    """The per-request function. A side with no readers is never parsed."""
+    read_features, read_outputs = plan.features, plan.outputs
+    read_name, read_version = plan.model_name, plan.model_version
+    decode_request, decode_response = plan.decode_request, plan.decode_response
+    reads_response = any(r is not None for r in (read_outputs, read_name, read_version))
+
+    def extract(request: Message, response: Message) -> Extraction:
+        errors: list[ErrorType] = []
+        features = None
+        if read_features is not None:
+            features = _request_side(request, decode_request, read_features, errors)
+        outputs, name, version = Outputs(), None, None
+        if reads_response:
+            parsed = _parse(response, decode_response, "response_parse", errors)
+            if parsed is not None:
+                outputs = _guarded(read_outputs, parsed.value, errors) or Outputs()
+                name = _guarded(read_name, parsed.value, errors)
+                version = _guarded(read_version, parsed.value, errors)
+        return _finish(features, outputs, name, version, errors)
+
+    return extract
+
+
+def _request_side(
+    message: Message, decoder: Decoder, reader: FeatureReader, errors: list[ErrorType]
+) -> FeatureTable | None:
+    parsed = _parse(message, decoder, "request_parse", errors)
+    if parsed is None:
+        return None
+    try:
+        return reader(parsed)
+    except _BAD_PAYLOAD:
+        errors.append("mapping")
+        return None
+
+
+def _parse(
+    message: Message, decoder: Decoder, error: ErrorType, errors: list[ErrorType]
+) -> Parsed | None:
+    try:
+        parsed = decoder(message)
+    except BodyError:
+        errors.append(error)
+        return None
+    return parsed if isinstance(parsed, Parsed) else None
+
+
+def _guarded(reader: Callable[[Any], _T] | None, value: Any, errors: list[ErrorType]) -> _T | None:
+    if reader is None:
+        return None
+    try:
+        return reader(value)
+    except _BAD_PAYLOAD:
+        errors.append("mapping")
+        return None
+
+
+def _finish(
+    features: FeatureTable | None,
+    outputs: Outputs,
+    name: str | None,
+    version: str | None,
+    errors: list[ErrorType],
+) -> Extraction:
+    lengths = {
+        len(a) for a in (outputs.classes, outputs.confidence, outputs.value) if a is not None
+    }
+    if len(lengths) > 1:  # e.g. 3 classes but 2 confidences: no row of them can be trusted
+        errors.append("mapping")
+        outputs, lengths = Outputs(), set()
+    n_outputs = lengths.pop() if lengths else None
+    if features is not None and n_outputs is not None and features.n_rows != n_outputs:
+        errors.append("mapping")
+    batch = features.n_rows if features is not None else (n_outputs or 0)
+    return Extraction(
+        features=features,
+        outputs=outputs,
+        batch_size=batch,
+        model_name=name,
+        model_version=version,
+        errors=tuple(dict.fromkeys(errors)),
+    )

@@ -1,0 +1,50 @@
+"""TorchServe inference API: POST /predictions/{model}[/{version}], handler-defined JSON.
+
+The built-in classifiers answer `{label: probability}` (a list of them for a batch), with no
+Content-Type on 200 and pretty-printed. TorchServe also routes KServe V1 paths to the handler.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sidecar.extract.body import Parsed
+from sidecar.extract.plan import Plan, Vocabulary
+from sidecar.extract.predictions import read_predictions
+from sidecar.extract.presets.base import Preset, PresetRoute
+from sidecar.extract.tables import table_from_value
+from sidecar.extract.types import FeatureTable, Outputs
+
+__all__ = ["PRESET"]
+
+# Common envelopes around the rows; any other JSON is taken as the rows, record or columns itself.
+_ENVELOPES = ("instances", "inputs", "data")
+
+
+def make_plan(vocabulary: Vocabulary) -> Plan:
+    names, classes = vocabulary.feature_names, vocabulary.classes
+
+    def features(parsed: Parsed) -> FeatureTable:
+        body = parsed.value
+        if isinstance(body, dict):
+            key = next((key for key in _ENVELOPES if key in body), None)
+            if key is not None:
+                body = body[key]
+        return table_from_value(body, names, check_booleans=parsed.may_hold_booleans)
+
+    def outputs(body: Any) -> Outputs:
+        return read_predictions(body, classes)
+
+    return Plan(features=features, outputs=outputs)
+
+
+PRESET = Preset(
+    name="torchserve",
+    routes=(
+        PresetRoute("predictions", "POST", "/predictions/{model}"),
+        PresetRoute("predictions-version", "POST", "/predictions/{model}/{version}"),
+        PresetRoute("kserve-v1-predict", "POST", "/v1/models/{model}:predict"),
+    ),
+    health_path="/ping",
+    make_plan=make_plan,
+)
