@@ -9,6 +9,7 @@ import pytest
 from sidecar.cli import main
 from sidecar.config import ConfigError, load
 
+CONFIGS = Path(__file__).resolve().parents[1] / "config"
 UPSTREAM = "upstream: http://127.0.0.1:9000\n"
 
 
@@ -82,6 +83,13 @@ def test_check_config_exit_codes(tmp_path, capsys):
     assert main(["check-config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "key `port` has value 'eighty'" in err
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path, capsys):
+    """Every ready-made config in config/ passes check-config and lists its routes."""
+    assert main(["check-config", str(path)]) == 0
+    assert "routes: POST /" in capsys.readouterr().out
 
 
 def test_unknown_preset_is_a_config_error(tmp_path):

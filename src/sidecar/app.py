@@ -6,16 +6,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import aiohttp
+import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from sidecar.admin import make_admin_app
-from sidecar.config import Config
+from sidecar.config import Config, ConfigError
 from sidecar.extract.compile import build_extractor
 from sidecar.extract.presets import PRESETS
 from sidecar.pipeline import Pipeline
@@ -63,6 +65,7 @@ class Sidecar:
         self._admin_runner: web.AppRunner | None = None
         self._probe: UpstreamProbe | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._pipeline: Pipeline | None = None
         self.proxy_url = ""
         self.admin_url = ""
 
@@ -72,7 +75,7 @@ class Sidecar:
             connect_timeout=config.connect_timeout, read_timeout=config.upstream_timeout
         )
         self._session = session
-        pipeline = Pipeline(config, build_routes(config), self.registry)
+        pipeline = self._pipeline = Pipeline(config, build_routes(config), self.registry)
         handler = ProxyHandler(
             session, config.upstream, pipeline, max_body_bytes=config.max_body_bytes
         )
@@ -127,8 +130,37 @@ class Sidecar:
             await self._session.close()
         log.info("stopped")
 
-    async def serve_until_signalled(self) -> None:
-        """Run until SIGTERM or SIGINT, then drain and return."""
+    def _try_reload(self, read: Callable[[], Config]) -> None:
+        try:
+            config = read()
+        except ConfigError as exc:
+            log.error(
+                "new config rejected; still serving the previous one", extra={"error": str(exc)}
+            )
+            return
+        self.reload(config)
+
+    def reload(self, config: Config) -> None:
+        """Apply a new config while serving. Settings that only take effect at start-up (ports,
+        upstream, timeouts, caps) keep their running values, and the log says which."""
+        kept = [key for key in RESTART_KEYS if getattr(config, key) != getattr(self.config, key)]
+        if kept:
+            log.warning(
+                "these settings need a restart; kept the running values", extra={"keys": kept}
+            )
+            config = msgspec.structs.replace(config, **{k: getattr(self.config, k) for k in kept})
+        if self._pipeline is not None:
+            self._pipeline.reconfigure(config, build_routes(config))
+        logging.getLogger().setLevel(config.log_level.upper())
+        self.config = config
+        log.info("config reloaded", extra={"routes": len(config.routes), "preset": config.preset})
+
+    async def serve_until_signalled(
+        self, reload: Callable[[], Config] | None = None, watch: Path | None = None
+    ) -> None:
+        """Run until SIGTERM or SIGINT, then drain and return. On SIGHUP, and when the file
+        `watch` changes, apply the config `reload` returns; a bad one is logged and the running
+        one stays."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (
@@ -136,6 +168,12 @@ class Sidecar:
             signal.SIGINT,  # Ctrl-C in a terminal.
         ):
             loop.add_signal_handler(signum, stop.set)
+        if reload is not None:
+            # Unix signal 1: `kill -HUP <pid>`, the conventional "re-read your config".
+            loop.add_signal_handler(signal.SIGHUP, self._try_reload, reload)
+        watcher = None
+        if reload is not None and watch is not None and self.config.config_watch_interval > 0:
+            watcher = asyncio.create_task(self._watch(watch, reload), name="config-watch")
         try:
             await self.start()
         except BaseException:
@@ -143,7 +181,36 @@ class Sidecar:
             raise
         await stop.wait()
         log.info("signal received, draining", extra={"drain_timeout": self.config.drain_timeout})
+        if watcher is not None:
+            watcher.cancel()
         await self.stop()
+
+    async def _watch(self, path: Path, read: Callable[[], Config]) -> None:
+        """Poll the config file; Kubernetes updates a mounted ConfigMap without any signal."""
+        last = await asyncio.to_thread(_file_signature, path)
+        while True:
+            await asyncio.sleep(self.config.config_watch_interval)
+            current = await asyncio.to_thread(_file_signature, path)
+            if current != last:
+                last = current
+                self._try_reload(read)
+
+
+# Read once at start-up: changing them needs a restart.
+RESTART_KEYS = (
+    "upstream", "host", "port", "metrics_host", "metrics_port", "upstream_timeout",
+    "connect_timeout", "health_path", "health_interval", "drain_timeout", "shutdown_delay",
+    "model_name", "model_version", "framework", "max_body_bytes", "label_cap", "model_names",
+    "record_queue_size", "config_watch_interval",
+)  # fmt: skip
+
+
+def _file_signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
 
 
 def _default_registry() -> CollectorRegistry:

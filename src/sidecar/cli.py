@@ -134,7 +134,13 @@ def _serve(args: argparse.Namespace) -> int:
     from sidecar.app import Sidecar  # imported late: `check-config` and `--help` stay light
 
     try:
-        uvloop.run(Sidecar(config).serve_until_signalled())
+        sidecar = Sidecar(config)
+        if args.config:
+            path = Path(args.config)
+            overrides = _overrides(args)
+            uvloop.run(sidecar.serve_until_signalled(lambda: load(path, overrides=overrides), path))
+        else:
+            uvloop.run(sidecar.serve_until_signalled())
     except OSError as exc:
         log.error("cannot serve", extra={"error": str(exc)})
         return 1
@@ -143,11 +149,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     config = load(args.file)
-    routes = len(config.routes)
-    print(
-        f"{args.file}: ok (upstream {config.upstream}, preset {config.preset or 'none'}, "
-        f"{routes} route{'s' if routes != 1 else ''})"
+    from sidecar.app import build_routes
+
+    routes = ", ".join(
+        f"{route.method} {route.template} ({route.name})" for route in build_routes(config)
     )
+    print(f"{args.file}: ok")
+    print(
+        f"  upstream {config.upstream}; proxy port {config.port}; admin port {config.metrics_port}"
+    )
+    print(f"  routes: {routes or 'none (every request is counted under route=other)'}")
     return 0
 
 

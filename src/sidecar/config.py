@@ -85,6 +85,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     low_confidence_threshold: float = 0.7
     features: dict[str, FeatureRule] = msgspec.field(default_factory=dict)
     record_queue_size: int = 10_000
+    config_watch_interval: float = 5.0
 
     def __post_init__(self) -> None:
         _check_upstream(self.upstream)

@@ -65,6 +65,16 @@ class Pipeline:
         self._complaints = RateLimitedLog(log)
         _publish_model_info(config, registry)
 
+    def reconfigure(self, config: Config, routes: RouteTable) -> None:
+        """Apply a reloaded config: new routes and extractors, thresholds and feature rules.
+
+        Requests already in flight finish with the route they started with.
+        """
+        self._config = config
+        self._routes = routes
+        self._outputs.low_confidence_threshold = config.low_confidence_threshold
+        self._quality.rules = config.features
+
     def begin(self, method: str, path: str) -> Ticket:
         route, params = self._routes.match(method, path)
         model = self._model_labels(params)

@@ -29,7 +29,7 @@ class OutputRecorder:
     ) -> None:
         self._overflow = overflow
         self._label_cap = label_cap
-        self._threshold = low_confidence_threshold
+        self.low_confidence_threshold = low_confidence_threshold
         self._classes: dict[tuple[str, str], LabelCap] = {}
         self._predictions = Counter(
             "ml_predictions_total",
@@ -73,7 +73,7 @@ class OutputRecorder:
             self._count_classes(model, outputs.classes)
         if outputs.confidence is not None and outputs.confidence.size:
             observe_many(self._confidence.labels(*model), outputs.confidence)
-            low = int(np.count_nonzero(outputs.confidence < self._threshold))
+            low = int(np.count_nonzero(outputs.confidence < self.low_confidence_threshold))
             if low:
                 self._low_confidence.labels(*model).inc(low)
         if outputs.value is not None and outputs.value.size:

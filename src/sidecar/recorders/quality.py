@@ -27,7 +27,7 @@ class QualityRecorder:
         overflow: OverflowCounter,
         label_cap: int,
     ) -> None:
-        self._rules = rules
+        self.rules = rules
         self._overflow = overflow
         self._label_cap = label_cap
         self._features: dict[tuple[str, str], LabelCap] = {}
@@ -74,7 +74,7 @@ class QualityRecorder:
     ) -> NDArray[np.int64]:
         counts = np.zeros(len(columns), dtype=np.int64)
         for index, column in enumerate(columns):
-            rule = self._rules.get(column)
+            rule = self.rules.get(column)
             if rule is not None and rule.type == "numeric":
                 values = numeric[:, index]
                 with np.errstate(invalid="ignore"):
@@ -82,7 +82,7 @@ class QualityRecorder:
         return counts
 
     def _is_categorical(self, column: str) -> bool:
-        rule = self._rules.get(column)
+        rule = self.rules.get(column)
         return rule is not None and rule.type == "categorical"
 
     def _fold_names(self, model: tuple[str, str], columns: tuple[str, ...]) -> list[str]:
