@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import uvloop
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -39,6 +40,7 @@ class CannedUpstream:
     sse_release: asyncio.Event = field(default_factory=asyncio.Event)
     slow_started: asyncio.Event = field(default_factory=asyncio.Event)
     healthy: bool = True
+    connections: set[tuple[str, int]] = field(default_factory=set)
 
 
 async def _canned_handler(upstream: CannedUpstream, request: web.BaseRequest) -> web.StreamResponse:
@@ -52,6 +54,8 @@ async def _canned_handler(upstream: CannedUpstream, request: web.BaseRequest) ->
         }
     )
     path = request.path
+    if request.transport is not None:
+        upstream.connections.add(request.transport.get_extra_info("peername"))
     if path == "/health":
         return web.Response(status=200 if upstream.healthy else 503, text="ok")
     if path.startswith("/echo"):
@@ -111,6 +115,14 @@ async def _canned_handler(upstream: CannedUpstream, request: web.BaseRequest) ->
         assert request.transport is not None
         request.transport.abort()
         return response
+    if path == "/close-after":
+        # Answers as keep-alive, then hangs up: a pooled connection the upstream closed.
+        response = web.Response(text="bye")
+        await response.prepare(request)
+        await response.write_eof()
+        assert request.transport is not None
+        request.transport.close()
+        return response
     if path == "/error":
         return web.Response(status=500, text="Internal Server Error")
     return web.Response(status=404, text="no such path")
@@ -131,6 +143,13 @@ async def canned_upstream() -> AsyncIterator[CannedUpstream]:
     yield upstream
     upstream.sse_release.set()
     await runner.cleanup()
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every async test runs on uvloop, as `sidecar serve` does."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 StartSidecar = Callable[..., Awaitable[Sidecar]]

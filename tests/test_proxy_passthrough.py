@@ -199,3 +199,22 @@ async def test_hundred_concurrent_clients(client, canned_upstream, sidecar):
 
     bodies = await asyncio.gather(*(one(i) for i in range(100)))
     assert bodies == [f"client {i}".encode() for i in range(100)]
+
+
+async def test_upstream_connections_are_reused(client, canned_upstream, sidecar):
+    """Sequential requests share one pooled keep-alive connection to the upstream."""
+    for _ in range(20):
+        await fetch(client, "POST", sidecar.proxy_url + "/echo", data=b"x")
+    proxied = [seen for seen in canned_upstream.seen if seen["path_qs"] == "/echo"]
+    assert len(proxied) == 20
+    # One connection for the proxied requests, one for the readiness probe.
+    assert len(canned_upstream.connections) <= 2
+
+
+async def test_connection_closed_by_upstream_is_not_reused(client, canned_upstream, sidecar):
+    """After the upstream hangs up an idle connection, the next request still goes through."""
+    status, _, body = await fetch(client, "GET", sidecar.proxy_url + "/close-after")
+    assert (status, body) == (200, b"bye")
+    for _ in range(3):
+        status, _, body = await fetch(client, "POST", sidecar.proxy_url + "/echo", data=b"again")
+        assert (status, body) == (200, b"again")

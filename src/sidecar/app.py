@@ -8,8 +8,8 @@ import logging
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
-import aiohttp
 import msgspec
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge
@@ -21,8 +21,8 @@ from sidecar.config import Config, ConfigError
 from sidecar.extract.compile import build_extractor
 from sidecar.extract.presets import PRESETS
 from sidecar.pipeline import Pipeline
+from sidecar.proxy.pool import UpstreamPool
 from sidecar.proxy.server import ProxyHandler
-from sidecar.proxy.upstream import open_session
 from sidecar.readiness import UpstreamProbe
 from sidecar.routes import Route, RouteTable
 
@@ -64,28 +64,29 @@ class Sidecar:
         self._proxy_runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
         self._probe: UpstreamProbe | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None
         self._pipeline: Pipeline | None = None
         self.proxy_url = ""
         self.admin_url = ""
 
     async def start(self) -> None:
         config = self.config
-        session = open_session(
-            connect_timeout=config.connect_timeout, read_timeout=config.upstream_timeout
+        target = urlsplit(config.upstream)
+        pool = self._pool = UpstreamPool(
+            target.hostname or "127.0.0.1",
+            target.port or (443 if target.scheme == "https" else 80),
+            tls=target.scheme == "https",
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.upstream_timeout,
         )
-        self._session = session
         pipeline = self._pipeline = Pipeline(config, build_routes(config), self.registry)
-        handler = ProxyHandler(
-            session, config.upstream, pipeline, max_body_bytes=config.max_body_bytes
-        )
+        handler = ProxyHandler(pool, pipeline, max_body_bytes=config.max_body_bytes)
         up = Gauge(
             "sidecar_upstream_up",
             "1 while the upstream's health path answers 2xx, from a periodic probe.",
             registry=self.registry,
         )
         self._probe = UpstreamProbe(
-            session,
             health_url(config),
             interval=config.health_interval,
             up=up,
@@ -126,8 +127,8 @@ class Sidecar:
             await self._admin_runner.cleanup()
         if self._probe is not None:
             await self._probe.stop()
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            await self._pool.close()
         log.info("stopped")
 
     def _try_reload(self, read: Callable[[], Config]) -> None:

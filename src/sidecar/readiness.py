@@ -21,7 +21,6 @@ class UpstreamProbe:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
         url: str,
         *,
         interval: float,
@@ -29,7 +28,7 @@ class UpstreamProbe:
         lenient: bool = False,
     ) -> None:
         self._lenient = lenient
-        self._session = session
+        self._session: aiohttp.ClientSession | None = None
         self._url = url
         self._interval = interval
         self._timeout = aiohttp.ClientTimeout(total=min(interval, 5.0))
@@ -47,6 +46,7 @@ class UpstreamProbe:
 
     async def start(self) -> None:
         """Probe once (so readiness is known when serving starts), then keep probing."""
+        self._session = aiohttp.ClientSession()
         await self.probe()
         self._task = asyncio.create_task(self._loop(), name="upstream-probe")
 
@@ -55,8 +55,11 @@ class UpstreamProbe:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._session is not None:
+            await self._session.close()
 
     async def probe(self) -> None:
+        assert self._session is not None, "start() opens the session"
         try:
             async with self._session.get(self._url, timeout=self._timeout) as response:
                 await response.read()

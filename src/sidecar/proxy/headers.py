@@ -1,56 +1,60 @@
-"""Which headers cross the hop, and the request id that rides along with them."""
+"""Which headers cross the hop, and the request id that rides along with them.
+
+Headers stay raw bytes on the way through, so that whatever the client or the model server sent
+(case, order, repeats, odd bytes) is what the other side gets.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from uuid import uuid4
 
-from multidict import CIMultiDict
-
 # RFC 9110 section 7.6.1: meaningful for one connection only, so never forwarded. Proxy-* are
 # credentials and options meant for a proxy, which is us. Everything else passes unchanged.
 HOP_BY_HOP = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
     }
 )
 
 REQUEST_ID = "X-Request-ID"
+_REQUEST_ID = b"x-request-id"
+
+RawHeaders = list[tuple[bytes, bytes]]
 
 
-def _connection_tokens(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
-    """Header names listed in Connection are hop-by-hop for this message too."""
-    tokens: set[str] = set()
-    for name, value in headers:
-        if name.lower() == "connection":
-            tokens.update(token.strip().lower() for token in value.split(","))
-    return frozenset(tokens)
+def end_to_end(raw: Iterable[tuple[bytes, bytes]]) -> RawHeaders:
+    """Every header but the hop-by-hop ones (and those Connection names), in order."""
+    pairs = list(raw)
+    dropped = HOP_BY_HOP
+    for name, value in pairs:
+        if name.lower() == b"connection":
+            # Header names listed in Connection are hop-by-hop for this message too.
+            dropped = dropped | {token.strip().lower() for token in value.split(b",")}
+    return [(name, value) for name, value in pairs if name.lower() not in dropped]
 
 
-def end_to_end(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
-    """Keep every header but the hop-by-hop ones, in order, with repeats and original case."""
-    pairs = list(headers)
-    dropped = HOP_BY_HOP | _connection_tokens(pairs)
-    return CIMultiDict((name, value) for name, value in pairs if name.lower() not in dropped)
+def find(headers: RawHeaders, name: bytes) -> bytes | None:
+    """The first value of a header (name given in lower case), or None."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
 
 
-def decode_raw(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """Raw header bytes as str pairs; latin-1 maps every byte, so nothing is lost either way."""
-    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw]
-
-
-def ensure_request_id(headers: CIMultiDict[str]) -> str:
+def ensure_request_id(headers: RawHeaders) -> str:
     """Keep the client's X-Request-ID, or add a fresh one; return it."""
-    request_id = headers.get(REQUEST_ID)
-    if not request_id:
-        request_id = uuid4().hex
-        headers[REQUEST_ID] = request_id
+    found = find(headers, _REQUEST_ID)
+    if found:
+        return found.decode("latin-1")
+    request_id = uuid4().hex
+    headers.append((REQUEST_ID.encode(), request_id.encode()))
     return request_id

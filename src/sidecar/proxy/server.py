@@ -9,14 +9,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
-import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
-from yarl import URL
 
 from sidecar.exchange import Exchange, ExchangeObserver, RouteTicket
-from sidecar.proxy.headers import REQUEST_ID, decode_raw, end_to_end, ensure_request_id
-from sidecar.proxy.upstream import UpstreamError, classify
+from sidecar.proxy.headers import REQUEST_ID, end_to_end, ensure_request_id, find
+from sidecar.proxy.pool import UpstreamPool, UpstreamResponse
+from sidecar.proxy.upstream import UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -55,39 +54,34 @@ class ProxyHandler:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
-        upstream: str,
+        pool: UpstreamPool,
         observer: ExchangeObserver[Any],
         *,
         max_body_bytes: int,
     ) -> None:
-        self._session = session
-        self._upstream = upstream.rstrip("/")
+        self._pool = pool
         self._observer = observer
         self._max_body = max_body_bytes
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         ticket = self._observer.begin(request.method, request.path)
-        headers = end_to_end(request.headers.items())
+        headers = end_to_end(request.raw_headers)
         request_id = ensure_request_id(headers)
-        if headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+        expect = find(headers, b"expect")
+        if expect is not None and expect.lower() == b"100-continue":
             # We read the body before the upstream sees the request, so we say "go on" ourselves.
-            del headers[hdrs.EXPECT]
+            headers = [(name, value) for name, value in headers if name.lower() != b"expect"]
             if request.transport is not None:
                 request.transport.write(_CONTINUE)
         body = await self._read_body(request, ticket.capture_bodies)
         upstream_started = time.perf_counter()
         try:
-            upstream = await self._session.request(
-                request.method,
-                URL(self._upstream + request.raw_path, encoded=True),
-                headers=headers,
-                data=body.data,
-                allow_redirects=False,
+            upstream = await self._pool.request(
+                request.method, request.raw_path, headers, body.data
             )
         except Exception as exc:  # every failure maps to an answer and a metric
-            error = classify(exc)
+            error = exc if isinstance(exc, UpstreamError) else UpstreamError(repr(exc))
             failed = _Relayed(capture=False, limit=0)
             failed.fail(error.error_type)
             answer = await _answer_error(request, error, request_id)
@@ -133,11 +127,14 @@ class ProxyHandler:
     async def _relay(
         self,
         request: web.BaseRequest,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         request_id: str,
         capture: bool,
     ) -> tuple[RelayResponse, _Relayed]:
-        headers = end_to_end(decode_raw(upstream.raw_headers))
+        headers = CIMultiDict(
+            (name.decode("latin-1"), value.decode("latin-1"))
+            for name, value in end_to_end(upstream.raw_headers)
+        )
         if REQUEST_ID not in headers:
             headers[REQUEST_ID] = request_id
         response = RelayResponse(status=upstream.status, reason=upstream.reason, headers=headers)
@@ -154,9 +151,9 @@ class ProxyHandler:
         last = b""
         while True:
             try:
-                chunk = await upstream.content.readany()
-            except Exception as exc:  # the upstream broke off mid-body
-                relayed.fail(classify(exc).error_type)
+                chunk = await upstream.read()
+            except UpstreamError as exc:  # the upstream broke off mid-body
+                relayed.fail(exc.error_type)
                 # Close the client's connection as the upstream's was: a truncated body, then EOF.
                 response.force_close()
                 if request.transport is not None:
@@ -165,7 +162,7 @@ class ProxyHandler:
             if not chunk:
                 break
             relayed.add(chunk)
-            if upstream.content.at_eof():
+            if upstream.at_eof():
                 last = chunk  # the final bytes go out with the end of the message
                 break
             try:

@@ -1,0 +1,372 @@
+"""A lean keep-alive HTTP/1.1 client for the one upstream, on httptools' llhttp parser.
+
+aiohttp's ClientSession costs about as much per request as the rest of the proxy together
+(cookie jar, URL objects, tracing hooks, payload classes). The proxy needs none of that: it
+already has the request line and the raw header bytes, and wants the raw response back. So a
+request is written as bytes, and the response is parsed by llhttp straight into what the relay
+needs: status, reason, raw headers and body chunks as they arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from typing import cast
+
+import httptools
+
+from sidecar.proxy.upstream import (
+    UpstreamError,
+    UpstreamReset,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+
+RawHeaders = Sequence[tuple[bytes, bytes]]
+Body = bytes | AsyncIterator[bytes] | None
+
+# Reading pauses while this much body is buffered and unread (a slow client must not make us
+# hold a fast upstream's whole reply), and resumes below the low mark.
+_HIGH_WATER = 1024 * 1024
+_LOW_WATER = 256 * 1024
+_MAX_IDLE = 256
+
+
+class UpstreamResponse:
+    """The head of an upstream reply, and its body as it arrives."""
+
+    __slots__ = (
+        "_connection",
+        "_done",
+        "_error",
+        "_pending",
+        "_pending_size",
+        "_waiter",
+        "content_length",
+        "raw_headers",
+        "reason",
+        "status",
+    )
+
+    def __init__(self, connection: _Connection) -> None:
+        self._connection = connection
+        self._pending: collections.deque[bytes] = collections.deque()
+        self._pending_size = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._done = False
+        self._error: UpstreamError | None = None
+        self.status = 0
+        self.reason = ""
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.content_length: int | None = None
+
+    async def read(self) -> bytes:
+        """Whatever body bytes have arrived (waiting for some), or b"" once the body is over."""
+        while not self._pending:
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return b""
+            await self._wait()
+        chunk = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending.clear()
+        self._pending_size = 0
+        self._connection.resume()
+        return chunk
+
+    def at_eof(self) -> bool:
+        """The whole body has arrived and been read."""
+        return self._done and not self._pending
+
+    def release(self) -> None:
+        """Hand the connection back: to the pool if the reply was complete, else closed."""
+        self._connection.finish(reusable=self._done and self._error is None)
+
+    async def _wait(self) -> None:
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(self._connection.read_timeout):
+                await waiter
+        except TimeoutError:
+            msg = f"no bytes from the upstream for {self._connection.read_timeout} s"
+            self._error = UpstreamTimeout(msg)
+            raise self._error from None
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # Fed by the connection's parser callbacks.
+
+    def feed(self, chunk: bytes) -> None:
+        self._pending.append(chunk)
+        self._pending_size += len(chunk)
+        if self._pending_size > _HIGH_WATER:
+            self._connection.pause()
+        self._wake()
+
+    def complete(self) -> None:
+        self._done = True
+        self._wake()
+
+    def fail(self, error: UpstreamError) -> None:
+        if not self._done:
+            self._error = error
+        self._wake()
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; llhttp calls the on_* methods as it parses."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self._pool = pool
+        self.read_timeout = pool.read_timeout
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._response: UpstreamResponse | None = None
+        self._head: asyncio.Future[UpstreamResponse] | None = None
+        self._informational = False
+        self._keep_alive = False
+        self._paused = False
+        self._writable: asyncio.Future[None] | None = None
+        self.received_any = False
+        self.closed = False
+        self.skip_body = False
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.received_any = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamReset(f"unparseable response from the upstream: {exc}"))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        reason = f": {exc}" if exc else ""
+        self._fail(UpstreamReset(f"upstream closed the connection{reason}"))
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        self._writable = None
+
+    # llhttp callbacks
+
+    def on_message_begin(self) -> None:
+        self._response = UpstreamResponse(self)
+
+    def on_status(self, reason: bytes) -> None:
+        if self._response is not None:
+            self._response.reason += reason.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._response is not None:
+            self._response.raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        response = self._response
+        status = self._parser.get_status_code()
+        # 1xx answers (100 Continue, 103 Early Hints) precede the real one: skip them.
+        self._informational = 100 <= status < 200
+        if response is None or self._informational:
+            return
+        response.status = status
+        response.content_length = _content_length(response.raw_headers)
+        # Asked here: once the message is complete llhttp has reset and no longer knows.
+        self._keep_alive = self._parser.should_keep_alive()
+        if self._head is not None and not self._head.done():
+            self._head.set_result(response)
+
+    def on_body(self, body: bytes) -> None:
+        if self._response is not None and not self._informational:
+            self._response.feed(body)
+
+    def on_message_complete(self) -> None:
+        if self._response is not None and not self._informational:
+            self._response.complete()
+
+    # Used by the pool and the response.
+
+    async def send(self, head: bytes, body: Body, chunked: bool) -> UpstreamResponse:
+        assert self._transport is not None
+        loop = asyncio.get_running_loop()
+        self._head = loop.create_future()
+        if isinstance(body, bytes):
+            self._transport.write(head + body)
+        else:
+            self._transport.write(head)
+            if body is not None:
+                await self._send_stream(body, chunked)
+        if self.skip_body:
+            # llhttp cannot be told a HEAD reply has no body: take the head, then retire the
+            # connection instead of waiting for a body that never comes.
+            self._head.add_done_callback(lambda head: self._end_head_only(head))
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                return await self._head
+        except TimeoutError:
+            msg = f"no response from the upstream within {self.read_timeout} s"
+            raise UpstreamTimeout(msg) from None
+
+    async def _send_stream(self, body: AsyncIterator[bytes], chunked: bool) -> None:
+        assert self._transport is not None
+        async for chunk in body:
+            if self.closed:
+                return
+            if chunked:
+                self._transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+            else:
+                self._transport.write(chunk)
+            if self._writable is not None:
+                await self._writable
+        if chunked and not self.closed:
+            self._transport.write(b"0\r\n\r\n")
+
+    def _end_head_only(self, head: asyncio.Future[UpstreamResponse]) -> None:
+        if not head.cancelled() and head.exception() is None:
+            head.result().complete()
+            self.closed = True
+
+    def pause(self) -> None:
+        if not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+
+    def finish(self, reusable: bool) -> None:
+        self._response = None
+        self._head = None
+        if reusable and not self.closed and self._keep_alive:
+            self._pool.give_back(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(error)
+        elif self._response is not None:
+            self._response.fail(error)
+
+
+class UpstreamPool:
+    """Keep-alive connections to one upstream, opened on demand and reused."""
+
+    def __init__(
+        self, host: str, port: int, *, tls: bool, connect_timeout: float, read_timeout: float
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._tls = ssl.create_default_context() if tls else None
+        self._connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._idle: list[_Connection] = []
+        self._host_header = f"{host}:{port}".encode("latin-1")
+
+    async def request(
+        self, method: str, target: str, headers: RawHeaders, body: Body
+    ) -> UpstreamResponse:
+        """Send one request; return once the response head has arrived.
+
+        `headers` go out as given (end-to-end headers, raw bytes). A body of unknown length is
+        sent chunked. A pooled connection that turns out closed before answering is retried
+        once on a fresh one when the body can be sent again (the upstream closed it while idle).
+        """
+        head, chunked = self._head(method, target, headers, body)
+        connection = self._idle.pop() if self._idle else None
+        while connection is not None and connection.closed:
+            connection = self._idle.pop() if self._idle else None
+        if connection is not None:
+            connection.skip_body = method == "HEAD"
+            try:
+                return await connection.send(head, body, chunked)
+            except UpstreamReset:
+                if connection.received_any or not isinstance(body, bytes | None):
+                    raise
+        connection = await self._open()
+        connection.skip_body = method == "HEAD"
+        return await connection.send(head, body, chunked)
+
+    def give_back(self, connection: _Connection) -> None:
+        if len(self._idle) < _MAX_IDLE:
+            connection.received_any = False
+            self._idle.append(connection)
+        else:
+            connection.close()
+
+    async def close(self) -> None:
+        for connection in self._idle:
+            connection.close()
+        self._idle.clear()
+
+    async def _open(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(self), self._host, self._port, ssl=self._tls
+                )
+        except TimeoutError:
+            msg = f"connecting to {self._host}:{self._port} took over {self._connect_timeout} s"
+            raise UpstreamUnreachable(msg) from None
+        except OSError as exc:
+            msg = f"cannot connect to {self._host}:{self._port}: {exc.strerror or exc}"
+            raise UpstreamUnreachable(msg) from exc
+        return connection
+
+    def _head(
+        self, method: str, target: str, headers: RawHeaders, body: Body
+    ) -> tuple[bytes, bool]:
+        parts = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1")]
+        has_host = has_length = False
+        for name, value in headers:
+            lowered = name.lower()
+            has_host = has_host or lowered == b"host"
+            has_length = has_length or lowered == b"content-length"
+            parts.append(b"%s: %s\r\n" % (name, value))
+        if not has_host:
+            parts.append(b"Host: %s\r\n" % self._host_header)
+        chunked = body is not None and not isinstance(body, bytes) and not has_length
+        if chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        elif isinstance(body, bytes) and not has_length and (body or method in _BODY_METHODS):
+            parts.append(b"Content-Length: %d\r\n" % len(body))
+        parts.append(b"\r\n")
+        return b"".join(parts), chunked
+
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _content_length(headers: RawHeaders) -> int | None:
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
