@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -40,7 +41,8 @@ async def settled(sidecar: Sidecar, name: str, expected: float, **labels: str) -
 
 async def post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, bytes]:
     headers = {"Content-Type": "application/json"}
-    async with session.post(url, data=body, headers=headers) as response:
+    data = io.BytesIO(body) if len(body) > 1_000_000 else body  # aiohttp warns on big bytes
+    async with session.post(url, data=data, headers=headers) as response:
         return response.status, await response.read()
 
 
@@ -138,3 +140,56 @@ async def test_model_names_from_paths_are_capped(toy_model, start_sidecar):
     text = await scrape(sidecar)
     assert sample(text, "ml_requests_total", model_name="__other__", code="404") == 3
     assert sample(text, "sidecar_label_overflow_total", label="model_name") == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "body"),
+    [
+        ("nan-literals", b'{"instances": [[NaN, Infinity, -Infinity, 1.0]]}'),
+        ("non-numeric", b'{"instances": [["a", true, null, {"x": 1}]]}'),
+        ("empty-batch", b'{"instances": []}'),
+        ("deeply-nested", b'{"instances": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),
+        ("wrong-shape", b'{"instances": {"not": "rows"}}'),
+    ],
+)
+async def test_bad_payloads_never_change_the_reply(canned_upstream, start_sidecar, name, body):
+    """Whatever the payload, the client gets the upstream's bytes and the sidecar keeps going."""
+    route = RouteConfig(name="echo", path="/echo", mapping=MappingSpec(features="instances"))
+    sidecar = await start_sidecar(canned_upstream.url, routes=(route,))
+    async with aiohttp.ClientSession() as session:
+        assert await post(session, f"{sidecar.proxy_url}/echo", body) == (200, body)
+        assert await post(session, f"{sidecar.proxy_url}/echo", b'{"instances": [[1]]}') == (
+            200,
+            b'{"instances": [[1]]}',
+        )
+    await settled(sidecar, "ml_requests_total", 2, route="echo")
+
+
+async def test_nan_and_wrong_types_are_counted(canned_upstream, start_sidecar):
+    """NaN and Infinity literals and strings in numeric features count as invalid."""
+    route = RouteConfig(
+        name="echo",
+        path="/echo",
+        mapping=MappingSpec(features="instances", feature_names=("a", "b", "c")),
+    )
+    sidecar = await start_sidecar(canned_upstream.url, routes=(route,))
+    body = b'{"instances": [[NaN, Infinity, "x"], [1, 2, 3]]}'
+    async with aiohttp.ClientSession() as session:
+        assert await post(session, f"{sidecar.proxy_url}/echo", body) == (200, body)
+    text = await settled(sidecar, "ml_feature_invalid_total", 1, feature="c", reason="wrong_type")
+    assert sample(text, "ml_feature_invalid_total", feature="a", reason="nan") == 1
+    assert sample(text, "ml_feature_invalid_total", feature="b", reason="inf") == 1
+
+
+async def test_hundred_thousand_row_batch(toy_model, start_sidecar):
+    """A 10^5-row batch is relayed and every row is counted."""
+    sidecar = await start_sidecar(toy_model, preset="kserve-v1")
+    rows = [[5.1, 3.5, 1.4, 0.2]] * 100_000
+    async with aiohttp.ClientSession() as session:
+        status, _ = await post(
+            session,
+            f"{sidecar.proxy_url}/v1/models/iris:predict",
+            json.dumps({"instances": rows}).encode(),
+        )
+    assert status == 200
+    await settled(sidecar, "ml_prediction_confidence_count", 100_000, model_name="iris")

@@ -83,7 +83,7 @@ def make_model_app(name: str = "iris") -> web.Application:
     async def model_status(request: web.Request) -> web.Response:
         return web.json_response({"name": name, "ready": True})
 
-    app = web.Application()
+    app = web.Application(client_max_size=64 * 1024 * 1024)  # big batches are part of the demo
     app.router.add_post(f"/v1/models/{name}:predict", v1_predict)
     app.router.add_get(f"/v1/models/{name}", model_status)
     app.router.add_post(f"/v2/models/{name}/infer", v2_infer)
