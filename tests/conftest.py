@@ -41,6 +41,7 @@ class CannedUpstream:
     slow_started: asyncio.Event = field(default_factory=asyncio.Event)
     healthy: bool = True
     connections: set[tuple[str, int]] = field(default_factory=set)
+    stream_abandoned: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 async def _canned_handler(upstream: CannedUpstream, request: web.BaseRequest) -> web.StreamResponse:
@@ -94,6 +95,17 @@ async def _canned_handler(upstream: CannedUpstream, request: web.BaseRequest) ->
         for index in range(3):
             await response.write(f"data: event {index}\n\n".encode())
         await response.write_eof()
+        return response
+    if path == "/sse-forever":
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: first\n\n")
+        # Then silence: only the proxy hanging up ends this request.
+        for _ in range(1000):
+            if request.transport is None or request.transport.is_closing():
+                upstream.stream_abandoned.set()
+                break
+            await asyncio.sleep(0.01)
         return response
     if path == "/gzip":
         return web.Response(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import pytest
 
@@ -49,3 +51,19 @@ async def test_proxy_keeps_serving_after_failures(client, canned_upstream, sidec
             await response.read()
     async with client.post(sidecar.proxy_url + "/echo", data=b"after") as response:
         assert await response.read() == b"after"
+
+
+async def test_client_hanging_up_mid_stream_cancels_upstream(canned_upstream, sidecar):
+    """A client that leaves a stream early: the proxy drops the upstream request at once."""
+    async with aiohttp.ClientSession() as session:
+        response = await session.get(sidecar.proxy_url + "/sse-forever")
+        assert await response.content.readuntil(b"\n\n") == b"data: first\n\n"
+        response.close()  # hang up without reading the rest
+    await asyncio.wait_for(canned_upstream.stream_abandoned.wait(), timeout=10)
+    for _ in range(100):
+        text = await scrape(sidecar)
+        if sample(text, "ml_errors_total", error_type="client_disconnect") == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert sample(text, "ml_errors_total", error_type="client_disconnect") == 1
+    assert sample(text, "ml_requests_in_progress") == 0

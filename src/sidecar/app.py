@@ -94,7 +94,8 @@ class Sidecar:
         )
         await self._probe.start()
 
-        server = web.Server(handler, access_log=None, handler_cancellation=False)
+        # handler_cancellation: a client that hangs up cancels its request, upstream included.
+        server = web.Server(handler, access_log=None, handler_cancellation=True)
         self._proxy_runner = web.ServerRunner(server, shutdown_timeout=config.drain_timeout)
         await self._proxy_runner.setup()
         proxy_site = web.TCPSite(self._proxy_runner, config.host, config.port)

@@ -6,7 +6,7 @@ nothing of ours so that both can depend on it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol, TypeVar
 
 import msgspec
@@ -16,8 +16,11 @@ class Exchange(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     """What happened to one request, built after the reply went out.
 
     Bodies are None unless the route asked for them and they fit the parse limit (`truncated` says
-    a body was wanted but too large). `status` is what the client got; `error` names what the proxy
-    itself saw go wrong (upstream_timeout, upstream_unreachable, upstream_reset, client_disconnect).
+    a body was wanted but too large). `status` is what the client got (499 if it left before any
+    answer); `error` names what the proxy itself saw go wrong (upstream_timeout,
+    upstream_unreachable, upstream_reset, client_disconnect). `arrivals` says when the captured
+    response body arrived: (bytes so far, seconds since the request came in) per piece, so that
+    streamed replies (server-sent events) can be timed after the fact.
     """
 
     method: str
@@ -34,6 +37,7 @@ class Exchange(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     total_seconds: float
     error: str | None = None
     truncated: bool = False
+    arrivals: Sequence[tuple[int, float]] = ()
 
 
 class RouteTicket(Protocol):

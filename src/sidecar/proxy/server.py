@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, NamedTuple
 
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from sidecar.exchange import Exchange, ExchangeObserver, RouteTicket
-from sidecar.proxy.headers import REQUEST_ID, end_to_end, ensure_request_id, find
+from sidecar.proxy.headers import REQUEST_ID, RawHeaders, end_to_end, ensure_request_id, find
 from sidecar.proxy.pool import UpstreamPool, UpstreamResponse
 from sidecar.proxy.upstream import UpstreamError
 
@@ -49,6 +50,11 @@ class _Body(NamedTuple):
     size: list[int]  # one cell, updated while streaming
 
 
+_NO_BODY = _Body(None, None, [0])
+_NO_HEADERS: Mapping[str, str] = CIMultiDict()
+_MAX_ARRIVALS = 100_000  # timing entries kept per response; the body cap bounds the rest
+
+
 class ProxyHandler:
     """aiohttp low-level handler: one call per request on the proxy port."""
 
@@ -68,39 +74,35 @@ class ProxyHandler:
         ticket = self._observer.begin(request.method, request.path)
         headers = end_to_end(request.raw_headers)
         request_id = ensure_request_id(headers)
-        expect = find(headers, b"expect")
-        if expect is not None and expect.lower() == b"100-continue":
-            # We read the body before the upstream sees the request, so we say "go on" ourselves.
-            headers = [(name, value) for name, value in headers if name.lower() != b"expect"]
-            if request.transport is not None:
-                request.transport.write(_CONTINUE)
-        body = await self._read_body(request, ticket.capture_bodies)
-        upstream_started = time.perf_counter()
+        headers = _continue_if_expected(request, headers)
+        relayed = _Relayed(ticket.capture_bodies, self._max_body, started)
+        body = _NO_BODY
         try:
-            upstream = await self._pool.request(
-                request.method, request.raw_path, headers, body.data
-            )
-        except Exception as exc:  # every failure maps to an answer and a metric
-            error = exc if isinstance(exc, UpstreamError) else UpstreamError(repr(exc))
-            failed = _Relayed(capture=False, limit=0)
-            failed.fail(error.error_type)
-            answer = await _answer_error(request, error, request_id)
-            self._finish(
-                ticket, request, request_id, answer, body, failed, started, upstream_started
-            )
-            return answer
-        try:
-            response, relay = await self._relay(
-                request, upstream, request_id, ticket.capture_bodies
-            )
+            body = await self._read_body(request, ticket.capture_bodies)
+            relayed.upstream_started = time.perf_counter()
+            try:
+                upstream = await self._pool.request(
+                    request.method, request.raw_path, headers, body.data
+                )
+            except Exception as exc:  # every failure maps to an answer and a metric
+                error = exc if isinstance(exc, UpstreamError) else UpstreamError(repr(exc))
+                relayed.fail(error.error_type)
+                return await _answer_error(request, error, request_id, relayed)
+            try:
+                return await self._relay(request, upstream, request_id, relayed)
+            finally:
+                upstream.release()
+        except asyncio.CancelledError:
+            # The client went away and aiohttp cancelled us: the upstream request goes with it
+            # (release() closes a connection whose reply was not complete).
+            relayed.fail("client_disconnect")
+            raise
         finally:
-            upstream.release()
-        self._finish(ticket, request, request_id, response, body, relay, started, upstream_started)
-        return response
+            self._finish(ticket, request, request_id, body, relayed)
 
     async def _read_body(self, request: web.BaseRequest, capture: bool) -> _Body:
         if not request.body_exists:
-            return _Body(None, None, [0])
+            return _NO_BODY
         length = request.content_length
         if length is not None and length <= min(self._max_body, _WHOLE_BODY_LIMIT):
             # The common case, small JSON: read it whole and send it with its Content-Length.
@@ -129,8 +131,8 @@ class ProxyHandler:
         request: web.BaseRequest,
         upstream: UpstreamResponse,
         request_id: str,
-        capture: bool,
-    ) -> tuple[RelayResponse, _Relayed]:
+        relayed: _Relayed,
+    ) -> RelayResponse:
         headers = CIMultiDict(
             (name.decode("latin-1"), value.decode("latin-1"))
             for name, value in end_to_end(upstream.raw_headers)
@@ -138,16 +140,16 @@ class ProxyHandler:
         if REQUEST_ID not in headers:
             headers[REQUEST_ID] = request_id
         response = RelayResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        relayed.answered(upstream.status, headers)
         if upstream.content_length is not None:
             # Not a stream: hold the headers until the first body bytes, so that a small reply
             # leaves in one write. A stream (no length) gets its headers at once.
             response.coalesce_headers()
-        relayed = _Relayed(capture, self._max_body)
         try:
             await response.prepare(request)
         except ConnectionError:
             relayed.fail("client_disconnect")
-            return response, relayed
+            return response
         last = b""
         while True:
             try:
@@ -158,7 +160,7 @@ class ProxyHandler:
                 response.force_close()
                 if request.transport is not None:
                     request.transport.close()
-                return response, relayed
+                return response
             if not chunk:
                 break
             relayed.add(chunk)
@@ -169,57 +171,78 @@ class ProxyHandler:
                 await response.write(chunk)
             except ConnectionError:
                 relayed.fail("client_disconnect")
-                return response, relayed
+                return response
         relayed.upstream_done = time.perf_counter()
         try:
             await response.write_eof(last)
         except ConnectionError:
             relayed.fail("client_disconnect")
-        return response, relayed
+        return response
 
     def _finish(
         self,
         ticket: RouteTicket,
         request: web.BaseRequest,
         request_id: str,
-        response: web.StreamResponse,
         body: _Body,
         relayed: _Relayed,
-        started: float,
-        upstream_started: float,
     ) -> None:
         exchange = Exchange(
             method=request.method,
             path=request.path,
-            status=response.status,
+            status=relayed.status,
             request_id=request_id,
             request_headers=request.headers,
-            response_headers=response.headers,
+            response_headers=relayed.headers,
             request_body=b"".join(body.captured) if body.captured else None,
             response_body=relayed.body(),
             request_size=body.size[0],
             response_size=relayed.size,
-            upstream_seconds=max(relayed.upstream_done - upstream_started, 0.0),
-            total_seconds=time.perf_counter() - started,
+            upstream_seconds=max(relayed.upstream_done - relayed.upstream_started, 0.0),
+            total_seconds=time.perf_counter() - relayed.started,
             error=relayed.error,
             truncated=relayed.truncated
             or (ticket.capture_bodies and body.size[0] > self._max_body),
+            arrivals=relayed.arrivals,
         )
         self._observer.end(ticket, exchange)
 
 
 class _Relayed:
-    """Running totals of a relayed response body, with a capped copy for extraction."""
+    """What became of one exchange's response: status, size, timings, and a capped copy of the
+    body (with when each piece arrived) for extraction."""
 
-    __slots__ = ("_chunks", "_limit", "error", "size", "truncated", "upstream_done")
+    __slots__ = (
+        "_chunks",
+        "_limit",
+        "arrivals",
+        "error",
+        "headers",
+        "size",
+        "started",
+        "status",
+        "truncated",
+        "upstream_done",
+        "upstream_started",
+    )
 
-    def __init__(self, capture: bool, limit: int) -> None:
+    def __init__(self, capture: bool, limit: int, started: float) -> None:
         self._chunks: list[bytes] | None = [] if capture else None
         self._limit = limit
+        self.started = started
+        self.upstream_started = started
+        self.upstream_done = started
+        # Client gone before any answer: nginx's 499, "client closed request".
+        self.status = 499
+        self.headers: Mapping[str, str] = _NO_HEADERS
         self.size = 0
         self.truncated = False
         self.error: str | None = None
-        self.upstream_done = time.perf_counter()
+        self.arrivals: list[tuple[int, float]] = []
+
+    def answered(self, status: int, headers: Mapping[str, str]) -> None:
+        self.status = status
+        self.headers = headers
 
     def add(self, chunk: bytes) -> None:
         self.size += len(chunk)
@@ -227,8 +250,12 @@ class _Relayed:
             return
         if self.size <= self._limit:
             self._chunks.append(chunk)
+            # (bytes so far, seconds since the request arrived): streams (SSE) are timed by it.
+            if len(self.arrivals) < _MAX_ARRIVALS:
+                self.arrivals.append((self.size, time.perf_counter() - self.started))
         else:
             self._chunks = None
+            self.arrivals.clear()
             self.truncated = True
 
     def fail(self, error_type: str) -> None:
@@ -241,8 +268,18 @@ class _Relayed:
         return b"".join(self._chunks)
 
 
+def _continue_if_expected(request: web.BaseRequest, headers: RawHeaders) -> RawHeaders:
+    """Answer `Expect: 100-continue` ourselves: we read the body before the upstream sees it."""
+    expect = find(headers, b"expect")
+    if expect is None or expect.lower() != b"100-continue":
+        return headers
+    if request.transport is not None:
+        request.transport.write(_CONTINUE)
+    return [(name, value) for name, value in headers if name.lower() != b"expect"]
+
+
 async def _answer_error(
-    request: web.BaseRequest, error: UpstreamError, request_id: str
+    request: web.BaseRequest, error: UpstreamError, request_id: str, relayed: _Relayed
 ) -> web.Response:
     """The proxy's own answer when the upstream gave none: a short JSON body with the reason."""
     payload = {"error": error.reason, "detail": str(error), "request_id": request_id}
@@ -252,6 +289,7 @@ async def _answer_error(
         content_type="application/json",
         headers=CIMultiDict({REQUEST_ID: request_id}),
     )
+    relayed.answered(error.status, response.headers)
     # The client may be gone already (it gave up waiting); then there is nobody left to tell.
     with contextlib.suppress(ConnectionError):
         await response.prepare(request)
