@@ -1,0 +1,812 @@
+"""Drift: bin every feature and output against a reference, export what merges across replicas (bin
+counters, a PIT histogram, reference fractions) and per-pod scores over an in-process window.
+
+`observe_*` run on the event loop: one searchsorted per feature and one bincount per batch, then a
+short locked add. `collect()` may run on the exposition thread: it copies the arrays under the lock
+and does the arithmetic outside it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import msgspec
+import numpy as np
+from numpy.typing import NDArray
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from sidecar import profile as profiles
+from sidecar import sketches as sk
+from sidecar.extract.types import FeatureTable, Outputs
+
+__all__ = ["DriftRecorder", "DriftSettings"]
+
+MODEL_LABELS = ("model_name", "model_version")
+NUMERIC_STATS = ("psi", "ks", "js", "linf", "wasserstein")
+CATEGORICAL_STATS = ("psi", "js", "linf")
+MAX_FEATURES = 256  # a reference frozen from traffic covers at most this many columns
+POOL_ROWS = 256  # small batches are counted together once this many rows are waiting
+WINDOW_SLOTS = 10  # the in-process window moves in tenths of its size
+FLOOR_ROWS = 1000  # window size at which the Wasserstein floor is simulated, then scaled
+
+Kind = Literal["numeric", "categorical"]
+
+
+class DriftSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The drift section of the config. Sizes are rows for a count window, seconds for time."""
+
+    profile: str | None = None  # reference profile JSON; without one the first rows become it
+    window: Literal["count", "time"] = "count"
+    window_size: float | None = None  # default: 5000 rows, or 3600 s
+    min_window: int = 500  # judge no window with fewer rows
+    freeze_after: int = 1000  # rows that become the reference when there is no profile
+    psi_warning: float = 0.1
+    psi_critical: float = 0.25
+    ks_warning: float = 0.1
+    ks_critical: float = 0.15
+    dataset_drift_share: float = 0.5
+    noise_alpha: float = 0.01  # no-drift false-alarm rate the noise floors allow per statistic
+    feature_types: dict[str, Kind] = msgspec.field(default_factory=dict)  # for a frozen reference
+
+    def __post_init__(self) -> None:
+        checks = {
+            "window_size must be positive": self.window_size is None or self.window_size > 0,
+            "min_window must be at least 1": self.min_window >= 1,
+            "freeze_after must be at least 1": self.freeze_after >= 1,
+            "need 0 < psi_warning <= psi_critical": 0 < self.psi_warning <= self.psi_critical,
+            "need 0 < ks_warning <= ks_critical": 0 < self.ks_warning <= self.ks_critical,
+            "dataset_drift_share must be in (0, 1]": 0 < self.dataset_drift_share <= 1,
+            "noise_alpha must be in (0, 1)": 0 < self.noise_alpha < 1,
+        }
+        for problem, ok in checks.items():
+            if not ok:
+                raise ValueError(problem)
+
+    @property
+    def window_length(self) -> float:
+        if self.window_size is not None:
+            return self.window_size
+        return 5000.0 if self.window == "count" else 3600.0
+
+
+# --- per-feature specs, decided once ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Numeric:
+    name: str
+    bins: int
+    points: sk.Float
+    pit: sk.PitTable
+    lo: float
+    hi: float
+    quantiles: sk.Float  # reference x at each of sk.CDF_LEVELS
+    scale: float  # reference std, so Wasserstein reads in standard deviations
+    reference: sk.Float
+    labels: tuple[str, ...]
+    rows: int
+    numbers: int
+    w_floor: float  # at FLOOR_ROWS rows
+
+    @property
+    def size(self) -> int:
+        return self.bins + 4
+
+
+@dataclass(frozen=True, slots=True)
+class _Categorical:
+    name: str
+    cats: sk.Categories
+    reference: sk.Float
+    labels: tuple[str, ...]
+    rows: int
+
+    @property
+    def size(self) -> int:
+        return self.cats.size + 2
+
+
+_Spec = _Numeric | _Categorical
+
+
+def _spec(feature: profiles.Feature, rng: np.random.Generator) -> _Spec:
+    reference = np.fromiter(feature.fractions.values(), dtype=np.float64)
+    labels = tuple(feature.fractions)
+    if isinstance(feature, profiles.CategoricalFeature):
+        return _Categorical(
+            feature.name, sk.categories(feature.values), reference, labels, max(feature.count, 1)
+        )
+    edges = np.asarray(feature.edges, dtype=np.float64)
+    cdf = sk.make_cdf(
+        *(
+            np.asarray(v, dtype=np.float64)
+            for v in (feature.cdf_x, feature.cdf_below, feature.cdf_at)
+        )
+    )
+    quantiles = _quantiles(cdf)
+    scale = feature.std or 1.0
+    return _Numeric(
+        name=feature.name,
+        bins=max(edges.size - 1, 0),
+        points=sk.search_points(edges),
+        pit=sk.make_pit_table(cdf),
+        lo=float(edges[0]) if edges.size else math.nan,
+        hi=float(edges[-1]) if edges.size else math.nan,
+        quantiles=quantiles,
+        scale=scale,
+        reference=reference,
+        labels=labels,
+        rows=max(feature.count, 1),
+        numbers=max(feature.count - feature.missing - feature.nan, 1),
+        w_floor=sk.wasserstein_floor(quantiles, FLOOR_ROWS, rng) / scale,
+    )
+
+
+def _quantiles(cdf: sk.Cdf) -> sk.Float:
+    """Invert the reference CDF at CDF_LEVELS (atoms make it flat in x, gaps flat in u)."""
+    if cdf.x.size == 0:
+        return np.zeros(sk.CDF_LEVELS.size)
+    levels = np.column_stack((cdf.below, cdf.at)).ravel()
+    return np.asarray(np.interp(sk.CDF_LEVELS, levels, np.repeat(cdf.x, 2)), dtype=np.float64)
+
+
+# --- counts, windows, groups --------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Counts:
+    """Everything one batch (or a window, or all time) adds up to, for one group of features."""
+
+    rows: int
+    bins: NDArray[np.int64]  # every feature's layout, back to back
+    cells: NDArray[np.int64]  # PIT_CELLS per numeric feature, back to back
+    pit_sum: sk.Float  # sum of u per numeric feature (values inside the range)
+    tails: sk.Float  # per numeric feature: sum of (lo - x) below, (x - hi) above
+
+    def add(self, other: _Counts, sign: int = 1) -> None:
+        self.rows += sign * other.rows
+        self.bins += sign * other.bins
+        self.cells += sign * other.cells
+        self.pit_sum += sign * other.pit_sum
+        self.tails += sign * other.tails
+
+    def copy(self) -> _Counts:
+        return _Counts(
+            self.rows, self.bins.copy(), self.cells.copy(), self.pit_sum.copy(), self.tails.copy()
+        )
+
+
+class _Window:
+    """The last `length` rows (or seconds), kept as WINDOW_SLOTS slots and a running total."""
+
+    def __init__(self, kind: Literal["count", "time"], length: float, empty: _Counts) -> None:
+        self._kind, self._length, self._step = kind, length, length / WINDOW_SLOTS
+        self._slots: deque[tuple[float, _Counts]] = deque()
+        self.total = empty
+
+    def add(self, counts: _Counts, now: float) -> None:
+        key = 0.0 if self._kind == "count" else now // self._step
+        last = self._slots[-1] if self._slots else None
+        if last is not None and (
+            last[1].rows < self._step if self._kind == "count" else last[0] == key
+        ):
+            last[1].add(counts)
+        else:
+            self._slots.append((key, counts.copy()))
+        self.total.add(counts)
+        self._expire(now)
+
+    def snapshot(self, now: float) -> _Counts:
+        self._expire(now)
+        return self.total.copy()
+
+    def _expire(self, now: float) -> None:
+        if self._kind == "count":
+            # Keep at least `length` rows: drop the oldest slot only if the rest still has them.
+            while len(self._slots) > 1 and self.total.rows - self._slots[0][1].rows >= self._length:
+                self.total.add(self._slots.popleft()[1], -1)
+        else:
+            oldest = now // self._step - WINDOW_SLOTS
+            while self._slots and self._slots[0][0] <= oldest:
+                self.total.add(self._slots.popleft()[1], -1)
+
+
+class _Raw(NamedTuple):
+    """One column of one batch as extraction gave it: numbers, missing cells, and text cells."""
+
+    values: sk.Float
+    missing: NDArray[np.bool_]
+    text: NDArray[np.object_] | None = None
+    is_text: NDArray[np.bool_] | None = None
+    has_nan: bool = True  # False lets numeric columns skip the NaN bookkeeping
+
+
+class _Group:
+    """The features of one side (inputs or outputs): specs, layout offsets, totals, window."""
+
+    def __init__(
+        self,
+        features: Sequence[profiles.Feature],
+        settings: DriftSettings,
+        rng: np.random.Generator,
+    ) -> None:
+        self.specs = [_spec(f, rng) for f in features]
+        self.offsets = np.cumsum([0, *(s.size for s in self.specs)])
+        numeric = [i for i, s in enumerate(self.specs) if isinstance(s, _Numeric)]
+        self.numeric_slot = {i: k for k, i in enumerate(numeric)}
+        self.total = self.empty()
+        self.window = _Window(settings.window, settings.window_length, self.empty())
+        self._layouts: dict[tuple[str, ...], list[int | None]] = {}
+
+    def empty(self) -> _Counts:
+        n = len(self.numeric_slot)
+        return _Counts(
+            0,
+            np.zeros(int(self.offsets[-1]), dtype=np.int64),
+            np.zeros(n * sk.PIT_CELLS, dtype=np.int64),
+            np.zeros(n),
+            np.zeros((n, 2)),
+        )
+
+    def layout(self, columns: tuple[str, ...]) -> list[int | None]:
+        """For each spec, the index of its column in a table with these columns (None: absent).
+        Columns "0", "1", ... (a payload without names) are the profile's columns in order."""
+        found = self._layouts.get(columns)
+        if found is None:
+            if columns == tuple(str(i) for i in range(len(columns))):
+                found = [i if i < len(columns) else None for i in range(len(self.specs))]
+            else:
+                where = {name: j for j, name in enumerate(columns)}
+                found = [where.get(s.name) for s in self.specs]
+            if len(self._layouts) < 64:  # payload shapes are few; bound the cache anyway
+                self._layouts[columns] = found
+        return found
+
+    def encode(self, raws: Sequence[_Raw | None], rows: int, rng: np.random.Generator) -> _Counts:
+        """Count one batch: per numeric column one sort and a few searches, per categorical
+        column one lookup per value and a bincount."""
+        counts = self.empty()
+        counts.rows = rows
+        for i, (spec, raw) in enumerate(zip(self.specs, raws, strict=True)):
+            view = counts.bins[int(self.offsets[i]) : int(self.offsets[i + 1])]
+            if raw is None:  # column absent from this payload: every row is missing
+                view[-2 if isinstance(spec, _Numeric) else -1] = rows
+            elif isinstance(spec, _Categorical):
+                view += np.bincount(_categorical(spec, raw), minlength=spec.size)
+            else:
+                _numeric(spec, raw, view, counts, self.numeric_slot[i], rng)
+        return counts
+
+
+def _numeric(
+    spec: _Numeric,
+    raw: _Raw,
+    view: NDArray[np.int64],
+    counts: _Counts,
+    k: int,
+    rng: np.random.Generator,
+) -> None:
+    """Fill one numeric feature's bins (`view`), PIT cells, PIT sum and tails."""
+    x = raw.values
+    if raw.has_nan:
+        bad = np.isnan(x)
+        view[-2] = np.count_nonzero(raw.missing)
+        view[-1] = np.count_nonzero(bad) - view[-2]
+        x = x[~bad]
+    ordered = np.sort(x)
+    view[:-2] = sk.bin_counts(ordered, spec.points)
+    cells = counts.cells[k * sk.PIT_CELLS : (k + 1) * sk.PIT_CELLS]
+    cells[:] = sk.pit_counts(ordered, spec.pit, rng)
+    below, above = int(view[0]), int(view[-3])
+    counts.pit_sum[k] = sk.pit_sum(cells, below, above)
+    if below or above:  # rare: values beyond the reference's range; sorted, they sit at the ends
+        low, high = ordered[:below], ordered[ordered.size - above :]
+        low, high = low[np.isfinite(low)], high[np.isfinite(high)]
+        counts.tails[k] = (float(np.sum(spec.lo - low)), float(np.sum(high - spec.hi)))
+
+
+def _categorical(spec: _Categorical, raw: _Raw) -> NDArray[np.intp]:
+    codes = np.full(raw.values.shape, spec.cats.size, dtype=np.intp)
+    numbers = ~raw.missing & ~np.isnan(raw.values)
+    if numbers.any():
+        codes[numbers] = sk.number_codes(raw.values[numbers], spec.cats)
+    if raw.text is not None and raw.is_text is not None and raw.is_text.any():
+        codes[raw.is_text] = sk.categorical_codes(raw.text, spec.cats)[raw.is_text]
+    codes[raw.missing] = spec.cats.size + 1
+    return codes
+
+
+# --- scores -------------------------------------------------------------------------------------
+
+
+class _Score(NamedTuple):
+    value: float
+    floor: float
+
+
+def _scores(
+    spec: _Spec, bins: NDArray[np.int64], rows: int, view: _FeatureView, alpha: float
+) -> dict[str, _Score]:
+    """Each statistic over the window and its no-drift floor for this many rows."""
+    nan = _Score(math.nan, math.nan)
+    if rows == 0:
+        stats = NUMERIC_STATS if isinstance(spec, _Numeric) else CATEGORICAL_STATS
+        return dict.fromkeys(stats, nan)
+    p, q = bins / rows, spec.reference
+    df = max(int(np.count_nonzero(q)) - 1, 1)
+    scores = {
+        "psi": _Score(sk.psi(p, q), sk.psi_floor(rows, spec.rows, df, alpha)),
+        "js": _Score(sk.js(p, q), sk.js_floor(rows, spec.rows, df, alpha)),
+        "linf": _Score(sk.linf(p, q), sk.linf_floor(rows, spec.rows, q, alpha)),
+    }
+    if isinstance(spec, _Numeric):
+        below, above = int(bins[0]), int(bins[spec.bins + 1])
+        numbers = int(view.cells.sum())
+        if numbers == 0:
+            scores["ks"] = scores["wasserstein"] = nan
+        else:
+            ks = sk.ks_from_pit(view.cells, below, above)
+            w = sk.wasserstein_from_pit(view.cells, below, above, view.tails, spec.quantiles)
+            w_floor = spec.w_floor * math.sqrt(FLOOR_ROWS * (1.0 / numbers + 1.0 / spec.numbers))
+            scores["ks"] = _Score(ks, sk.ks_floor(numbers, spec.numbers, alpha))
+            scores["wasserstein"] = _Score(w / spec.scale, w_floor)
+    return scores
+
+
+def _status(scores: Mapping[str, _Score], rows: int, numbers: int, settings: DriftSettings) -> int:
+    """0 ok, 1 warning, 2 critical. A statistic is judged only over min_window rows (values, for
+    KS) and only where it clears both the practical threshold and its noise floor."""
+    level = 0
+    if rows >= settings.min_window:
+        psi = scores["psi"]
+        level = sk.drift_level(psi.value, psi.floor, settings.psi_warning, settings.psi_critical)
+    if "ks" in scores and numbers >= settings.min_window:
+        ks = scores["ks"]
+        level = max(
+            level, sk.drift_level(ks.value, ks.floor, settings.ks_warning, settings.ks_critical)
+        )
+    return level
+
+
+class _FeatureView(NamedTuple):
+    cells: NDArray[np.int64]
+    pit_sum: float
+    tails: tuple[float, float]
+
+
+def _view(group: _Group, i: int, counts: _Counts) -> _FeatureView:
+    k = group.numeric_slot.get(i)
+    if k is None:
+        return _FeatureView(np.zeros(0, dtype=np.int64), 0.0, (0.0, 0.0))
+    cells = counts.cells[k * sk.PIT_CELLS : (k + 1) * sk.PIT_CELLS]
+    return _FeatureView(
+        cells, float(counts.pit_sum[k]), (float(counts.tails[k, 0]), float(counts.tails[k, 1]))
+    )
+
+
+# --- the recorder -------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Side:
+    """Inputs or outputs: a group once there is a reference, pending rows until then."""
+
+    group: _Group | None = None
+    features: list[profiles.Feature] | None = None
+    pending: list[tuple[int, dict[str, _Raw]]] | None = None
+    pending_rows: int = 0
+
+
+class _Families(NamedTuple):
+    bins: CounterMetricFamily
+    reference: GaugeMetricFamily
+    pit: HistogramMetricFamily
+    score: GaugeMetricFamily
+    floor: GaugeMetricFamily
+    window: GaugeMetricFamily
+    status: GaugeMetricFamily
+    share: GaugeMetricFamily
+    dataset: GaugeMetricFamily
+    frozen: GaugeMetricFamily
+
+
+class DriftRecorder(Collector):
+    """Drift metrics for one model. Register it on a CollectorRegistry; feed it every batch.
+
+    With a profile, every label set it defines exists from the start (empty bins read 0). Without
+    one (or for a side the profile lacks: inputs or outputs), the first `freeze_after` rows of that
+    side, rounded up to whole batches, become its reference; until then
+    `ml_drift_reference_frozen` reads 0.
+    """
+
+    def __init__(
+        self,
+        profile: profiles.Profile | None,
+        *,
+        model_name: str,
+        model_version: str,
+        settings: DriftSettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        prefix: str = "ml_",
+    ) -> None:
+        self._settings = settings or DriftSettings()
+        self._model = [model_name, model_version]
+        self._clock, self._prefix = clock, prefix
+        self._lock = threading.Lock()
+        self._rng = np.random.default_rng(0)  # PIT tie-breaking and floor simulation
+        self._profile = profile
+        self._inputs, self._outputs = _Side(), _Side()
+        self._pooled_tables: list[FeatureTable] = []
+        self._pooled_outputs: list[Outputs] = []
+        self._pooled_rows = 0
+        for side, features in (
+            (self._inputs, profile.features if profile else []),
+            (self._outputs, profile.outputs if profile else []),
+        ):
+            if features:
+                side.group, side.features = (
+                    _Group(features, self._settings, self._rng),
+                    list(features),
+                )
+            else:
+                side.pending = []
+
+    @classmethod
+    def from_settings(
+        cls, settings: DriftSettings, *, model_name: str, model_version: str
+    ) -> DriftRecorder:
+        """Load `settings.profile` (raising ProfileError with the reason) and build the recorder."""
+        profile = profiles.load(settings.profile) if settings.profile else None
+        return cls(profile, model_name=model_name, model_version=model_version, settings=settings)
+
+    @property
+    def reference(self) -> profiles.Profile | None:
+        """The reference in use: the profile, with any side frozen from traffic filled in."""
+        self._flush()
+        inputs, outputs = self._inputs.features, self._outputs.features
+        if inputs is None and outputs is None:
+            return None
+        base = self._profile or profiles.Profile(
+            rows=0, bins=sk.N_BINS, top_k=profiles.DEFAULT_TOP_K, features=[]
+        )
+        return msgspec.structs.replace(base, features=inputs or [], outputs=outputs or [])
+
+    def observe_features(self, table: FeatureTable) -> None:
+        """Count one batch of request features.
+
+        Counting costs a few numpy calls per feature whatever the batch size, so small batches
+        are pooled and counted POOL_ROWS rows at a time (a scrape counts whatever is pooled):
+        one-row requests would otherwise pay that fixed cost on every request.
+        """
+        if table.n_rows == 0 or not table.columns:
+            return
+        self._pooled_tables.append(table)
+        self._pooled_rows += table.n_rows
+        if self._pooled_rows >= POOL_ROWS:
+            self._flush()
+
+    def observe_outputs(self, outputs: Outputs) -> None:
+        """Count one batch of model outputs (__class__, __confidence__, __value__), pooled like
+        features."""
+        rows = _output_rows(outputs)
+        if not rows:
+            return
+        self._pooled_outputs.append(outputs)
+        self._pooled_rows += rows
+        if self._pooled_rows >= POOL_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        tables, outputs = self._pooled_tables, self._pooled_outputs
+        self._pooled_tables, self._pooled_outputs, self._pooled_rows = [], [], 0
+        for table in _concat_tables(tables):
+            self._count_features(table)
+        for batch in _concat_outputs(outputs):
+            self._count_outputs(batch)
+
+    def _count_features(self, table: FeatureTable) -> None:
+        group = self._inputs.group
+        if group is None:
+            columns = _table_raws(table)
+            named = {name: columns[j] for j, name in enumerate(table.columns[:MAX_FEATURES])}
+            self._pend(self._inputs, table.n_rows, named, frozen_kinds=None)
+            return
+        layout = group.layout(table.columns)
+        if all(j is None for j in layout):
+            return  # nothing in this payload is a profiled feature (another route's shape)
+        raws = _table_raws(table)
+        counts = group.encode(
+            [None if j is None else raws[j] for j in layout], table.n_rows, self._rng
+        )
+        self._add(group, counts)
+
+    def _count_outputs(self, outputs: Outputs) -> None:
+        raws = _output_raws(outputs)
+        if not raws:
+            return
+        rows = next(iter(raws.values())).values.size
+        group = self._outputs.group
+        if group is None:
+            self._pend(self._outputs, rows, raws, frozen_kinds=profiles.OUTPUT_KINDS)
+            return
+        picked = [raws.get(spec.name) for spec in group.specs]
+        if any(raw is not None for raw in picked):
+            self._add(group, group.encode(picked, rows, self._rng))
+
+    def _add(self, group: _Group, counts: _Counts) -> None:
+        now = self._clock()
+        with self._lock:
+            group.total.add(counts)
+            group.window.add(counts, now)
+
+    def _pend(
+        self, side: _Side, rows: int, raws: dict[str, _Raw], frozen_kinds: Mapping[str, Kind] | None
+    ) -> None:
+        assert side.pending is not None  # a side without a group is collecting
+        side.pending.append((rows, raws))
+        side.pending_rows += rows
+        if side.pending_rows < self._settings.freeze_after:
+            return
+        kinds = dict(frozen_kinds) if frozen_kinds else self._infer_kinds(side.pending)
+        batches = [
+            (n, {name: _column(raw, kinds[name]) for name, raw in columns.items() if name in kinds})
+            for n, columns in side.pending
+        ]
+        specs = [(name, kinds[name]) for name in _names(side.pending) if name in kinds]
+        built = profiles.build_from_batches(
+            lambda: batches, specs, sample_size=max(profiles.SAMPLE_SIZE, side.pending_rows)
+        )
+        group = _Group(built.features, self._settings, self._rng)
+        with self._lock:
+            side.group, side.features, side.pending, side.pending_rows = (
+                group,
+                built.features,
+                None,
+                0,
+            )
+
+    def _infer_kinds(self, pending: Sequence[tuple[int, dict[str, _Raw]]]) -> dict[str, Kind]:
+        """Text-majority columns are categorical, the rest numeric; settings.feature_types wins."""
+        text: dict[str, int] = {}
+        numbers: dict[str, int] = {}
+        for _, columns in pending:
+            for name, raw in columns.items():
+                is_text = (
+                    raw.is_text
+                    if raw.is_text is not None
+                    else np.zeros(raw.values.size, dtype=bool)
+                )
+                text[name] = text.get(name, 0) + int(np.count_nonzero(is_text))
+                numbers[name] = numbers.get(name, 0) + int(
+                    np.count_nonzero(~raw.missing & ~is_text)
+                )
+        inferred: dict[str, Kind] = {
+            name: "categorical" if text[name] > numbers[name] else "numeric" for name in text
+        }
+        return {
+            **inferred,
+            **{k: v for k, v in self._settings.feature_types.items() if k in inferred},
+        }
+
+    # --- exposition -----------------------------------------------------------------------------
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families())
+
+    def collect(self) -> Iterable[Metric]:
+        self._flush()
+        now = self._clock()
+        with self._lock:
+            views = [
+                (g, g.total.copy(), g.window.snapshot(now))
+                for g in (self._inputs.group, self._outputs.group)
+                if g is not None
+            ]
+            collecting = any(side.pending_rows for side in (self._inputs, self._outputs))
+        families = self._families()
+        statuses: list[int] = []
+        for g, total, window in views:
+            for i, spec in enumerate(g.specs):
+                status = self._export(families, g, i, spec, total, window)
+                if g is self._inputs.group:
+                    statuses.append(status)
+        share = sum(s > 0 for s in statuses) / len(statuses) if statuses else 0.0
+        families.share.add_metric(self._model, share)
+        families.dataset.add_metric(
+            self._model, float(bool(statuses) and share >= self._settings.dataset_drift_share)
+        )
+        families.frozen.add_metric(self._model, float(bool(views) and not collecting))
+        return list(families)
+
+    def _export(
+        self, f: _Families, group: _Group, i: int, spec: _Spec, total: _Counts, window: _Counts
+    ) -> int:
+        lo, hi = int(group.offsets[i]), int(group.offsets[i + 1])
+        labels = [*self._model, spec.name]
+        for label, count, share in zip(
+            spec.labels, total.bins[lo:hi].tolist(), spec.reference.tolist(), strict=True
+        ):
+            f.bins.add_metric([*labels, label], count)
+            f.reference.add_metric([*labels, label], share)
+        bins = window.bins[lo:hi]
+        view = _view(group, i, window)
+        scores = _scores(spec, bins, window.rows, view, self._settings.noise_alpha)
+        for stat, score in scores.items():
+            f.score.add_metric([*labels, stat], score.value)
+            f.floor.add_metric([*labels, stat], score.floor)
+        f.window.add_metric(labels, window.rows)
+        numbers = 0
+        if isinstance(spec, _Numeric):
+            numbers = window.rows - int(bins[-2] + bins[-1])
+            self._export_pit(f, labels, _view(group, i, total))
+        status = _status(scores, window.rows, numbers, self._settings)
+        f.status.add_metric(labels, status)
+        return status
+
+    @staticmethod
+    def _export_pit(f: _Families, labels: list[str], view: _FeatureView) -> None:
+        cumulative = sk.cumulative_pit_buckets(view.cells).tolist()
+        buckets = list(zip(_PIT_LE, cumulative, strict=True))
+        f.pit.add_metric(labels, [*buckets, ("+Inf", cumulative[-1])], view.pit_sum)
+
+    def _families(self) -> _Families:
+        p, model = self._prefix, list(MODEL_LABELS)
+        feature = [*model, "feature"]
+        return _Families(
+            CounterMetricFamily(f"{p}drift_bin", _HELP["bin"], labels=[*feature, "bin"]),
+            GaugeMetricFamily(
+                f"{p}drift_reference_fraction", _HELP["ref"], labels=[*feature, "bin"]
+            ),
+            HistogramMetricFamily(f"{p}drift_pit", _HELP["pit"], labels=feature),
+            GaugeMetricFamily(f"{p}drift_score", _HELP["score"], labels=[*feature, "stat"]),
+            GaugeMetricFamily(f"{p}drift_noise_floor", _HELP["floor"], labels=[*feature, "stat"]),
+            GaugeMetricFamily(f"{p}drift_window_count", _HELP["window"], labels=feature),
+            GaugeMetricFamily(f"{p}drift_status", _HELP["status"], labels=feature),
+            GaugeMetricFamily(f"{p}dataset_drift_share", _HELP["share"], labels=model),
+            GaugeMetricFamily(f"{p}dataset_drift", _HELP["dataset"], labels=model),
+            GaugeMetricFamily(f"{p}drift_reference_frozen", _HELP["frozen"], labels=model),
+        )
+
+
+_HELP = {
+    "bin": "Values per reference bin: b00.., below, above, missing, nan; categories: each "
+    "reference value, unseen, missing.",
+    "ref": "Share of the reference in each bin, to compare with increase(ml_drift_bin_total).",
+    "pit": "u = F_ref(x) of every numeric value; uniform when nothing drifted.",
+    "score": "Drift of this pod's in-process window against the reference "
+    "(wasserstein in reference standard deviations).",
+    "floor": "Score a window of this size exceeds by chance with probability noise_alpha "
+    "when nothing drifted.",
+    "window": "Rows in this pod's in-process drift window.",
+    "status": "0 ok, 1 warning, 2 critical: at least min_window rows and a score above both "
+    "the threshold and the noise floor.",
+    "share": "Share of input features whose drift status is warning or critical.",
+    "dataset": "1 when the share of drifted input features reaches dataset_drift_share.",
+    "frozen": "1 once every side with traffic has a reference; 0 while the first rows of a "
+    "side are still being collected.",
+}
+_PIT_LE = tuple(repr(le) for le in sk.PIT_BUCKETS)  # "0.05" ... "1.0", as client_python writes
+
+
+# --- payload -> raw columns ---------------------------------------------------------------------
+
+
+def _table_raws(table: FeatureTable) -> list[_Raw]:
+    """Every column of the table, numbers copied once into feature-major (contiguous) order."""
+    values = np.ascontiguousarray(table.numeric.T)
+    nan_columns: list[bool] = np.asarray(np.isnan(values).any(axis=1)).tolist()
+    return [
+        _Raw(
+            values[j],
+            table.missing[:, j],
+            table.strings.get(name),
+            table.non_numeric[:, j],
+            nan_columns[j],
+        )
+        for j, name in enumerate(table.columns)
+    ]
+
+
+def _output_raws(outputs: Outputs) -> dict[str, _Raw]:
+    raws: dict[str, _Raw] = {}
+    for name, values in (
+        (profiles.CONFIDENCE, outputs.confidence),
+        (profiles.VALUE, outputs.value),
+    ):
+        if values is not None:
+            numbers = np.asarray(values, dtype=np.float64)
+            raws[name] = _Raw(numbers, np.isnan(numbers))
+    if outputs.classes is not None:
+        classes = np.asarray(outputs.classes)
+        if classes.dtype.kind in "iufb":
+            numbers = classes.astype(np.float64)
+            raws[profiles.CLASS] = _Raw(numbers, np.isnan(numbers))
+        else:
+            missing = np.equal(classes, None)  # type: ignore[call-overload]
+            raws[profiles.CLASS] = _Raw(
+                np.full(classes.size, np.nan), missing, classes.astype(object), ~missing
+            )
+    return raws
+
+
+def _column(raw: _Raw, kind: Kind) -> profiles.Column:
+    """A raw column as the profile builder wants it (only when freezing: this formats numbers)."""
+    if kind == "numeric":
+        return profiles.NumericColumn(np.where(raw.missing, np.nan, raw.values), raw.missing.copy())
+    labels = np.full(raw.values.size, "", dtype=object)
+    numbers = ~raw.missing & ~np.isnan(raw.values)
+    labels[numbers] = sk.number_labels(raw.values[numbers])
+    if raw.text is not None and raw.is_text is not None:
+        labels[raw.is_text] = raw.text[raw.is_text].astype(str)
+    return profiles.CategoricalColumn(labels.astype(str), raw.missing.copy())
+
+
+def _names(pending: Iterable[tuple[int, dict[str, _Raw]]]) -> Iterator[str]:
+    seen: dict[str, None] = {}
+    for _, columns in pending:
+        seen.update(dict.fromkeys(columns))
+    return iter(list(seen)[:MAX_FEATURES])
+
+
+def _output_rows(outputs: Outputs) -> int:
+    for array in (outputs.classes, outputs.confidence, outputs.value):
+        if array is not None:
+            return int(array.size)
+    return 0
+
+
+def _concat_tables(tables: Sequence[FeatureTable]) -> Iterator[FeatureTable]:
+    """Pooled tables as few tables as possible: one per distinct column layout."""
+    by_columns: dict[tuple[str, ...], list[FeatureTable]] = {}
+    for table in tables:
+        by_columns.setdefault(table.columns, []).append(table)
+    for columns, group in by_columns.items():
+        if len(group) == 1:
+            yield group[0]
+            continue
+        names = {name for table in group for name in table.strings}
+        yield FeatureTable(
+            columns,
+            np.concatenate([t.numeric for t in group]),
+            np.concatenate([t.missing for t in group]),
+            np.concatenate([t.non_numeric for t in group]),
+            {name: np.concatenate([_strings(t, name) for t in group]) for name in names},
+        )
+
+
+def _strings(table: FeatureTable, name: str) -> NDArray[np.object_]:
+    found = table.strings.get(name)
+    return found if found is not None else np.full(table.n_rows, None, dtype=object)
+
+
+def _concat_outputs(batches: Sequence[Outputs]) -> Iterator[Outputs]:
+    """Pooled outputs joined per combination of present fields (classes, confidence, value)."""
+    by_shape: dict[tuple[bool, bool, bool], list[Outputs]] = {}
+    for batch in batches:
+        shape = (batch.classes is not None, batch.confidence is not None, batch.value is not None)
+        by_shape.setdefault(shape, []).append(batch)
+    for (classes, confidence, value), group in by_shape.items():
+        if len(group) == 1:
+            yield group[0]
+            continue
+        yield Outputs(
+            np.concatenate([b.classes for b in group if b.classes is not None])
+            if classes
+            else None,
+            np.concatenate([b.confidence for b in group if b.confidence is not None])
+            if confidence
+            else None,
+            np.concatenate([b.value for b in group if b.value is not None]) if value else None,
+        )
