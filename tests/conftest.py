@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.app import Sidecar
 from sidecar.config import Config
+from sidecar.demo import make_model_app
 from sidecar.proxy.server import RelayResponse
 
 BIG = 20 * 1024 * 1024
@@ -162,6 +163,16 @@ def pytest_asyncio_loop_factories(
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     """Every async test runs on uvloop, as `sidecar serve` does."""
     return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture
+async def toy_model() -> AsyncIterator[str]:
+    """The bundled toy iris model (KServe V1 and V2) on an ephemeral port."""
+    runner = web.AppRunner(make_model_app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await runner.cleanup()
 
 
 StartSidecar = Callable[..., Awaitable[Sidecar]]

@@ -81,7 +81,8 @@ def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown preset 'tfserving'") as caught:
         build_extractor("tfserving", None)
 
-    assert "kserve-v1, mlflow, open-inference-v2, seldon-v1, torchserve" in str(caught.value)
+    known = "kserve-v1, mlflow, open-inference-v2, openai, seldon-v1, torchserve"
+    assert known in str(caught.value)
 
 
 def test_no_preset_and_no_mapping_reads_nothing():

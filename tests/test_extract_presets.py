@@ -307,9 +307,16 @@ def test_route_names_are_unique_within_a_preset(preset: str):
     assert all(route.path.startswith("/") for route in PRESETS[preset].routes)
 
 
-def test_registry_holds_the_five_protocol_presets():
+def test_registry_holds_the_six_protocol_presets():
     """The preset names are the ones the config accepts."""
-    assert set(PRESETS) == {"mlflow", "kserve-v1", "open-inference-v2", "seldon-v1", "torchserve"}
+    assert set(PRESETS) == {
+        "mlflow",
+        "kserve-v1",
+        "open-inference-v2",
+        "seldon-v1",
+        "torchserve",
+        "openai",
+    }
 
 
 def test_mlflow_csv_request_passes_unparsed_without_error():

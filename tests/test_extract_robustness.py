@@ -94,7 +94,7 @@ def check_consistent(result: Extraction) -> None:
     assert result.model_name is None or isinstance(result.model_name, str)
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset", sorted(ENVELOPES))
 def test_malformed_request_is_request_parse_and_keeps_the_response(preset: str):
     """A request that is not JSON is reported; the response is still read."""
     _, response = wrap(preset, [[1, 2]], [0])
@@ -106,7 +106,7 @@ def test_malformed_request_is_request_parse_and_keeps_the_response(preset: str):
     assert result.outputs.classes.tolist() == ["0"]
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset", sorted(ENVELOPES))
 def test_malformed_response_is_response_parse_and_keeps_the_features(preset: str):
     """A response that is not JSON is reported; the features are still read."""
     request, _ = wrap(preset, [[1, 2]], [0])
@@ -139,7 +139,7 @@ def test_payloads_of_the_wrong_shape_are_mapping_errors(
     check_consistent(result)
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset", sorted(ENVELOPES))
 def test_empty_batches_are_zero_rows_without_error(preset: str):
     """An empty batch is valid: no rows, no classes, no error."""
     request, response = wrap(preset, [], [])
@@ -152,7 +152,7 @@ def test_empty_batches_are_zero_rows_without_error(preset: str):
     assert result.features.n_rows == 0
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset", sorted(ENVELOPES))
 def test_non_numeric_features_are_flagged_not_errors(preset: str):
     """Strings, booleans and nulls among the features are flagged cell by cell; no error."""
     request, response = wrap(preset, [[1.5, "red", True, None]], [1])
@@ -165,7 +165,7 @@ def test_non_numeric_features_are_flagged_not_errors(preset: str):
     assert result.features.missing.tolist() == [[False, False, False, True]]
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset", sorted(ENVELOPES))
 def test_nan_literals_are_read_on_both_sides(preset: str):
     """NaN/Infinity literals are numbers in features; a NaN probability does not win argmax."""
     request, response = wrap(preset, [[math.nan, math.inf]], [[math.nan, 0.25, 0.75]])

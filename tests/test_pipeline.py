@@ -6,26 +6,15 @@ import asyncio
 import io
 import json
 from collections import Counter
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from sidecar.app import Sidecar
 from sidecar.config import RouteConfig
-from sidecar.demo import CLASSES, make_model_app
+from sidecar.demo import CLASSES
 from sidecar.extract.spec import MappingSpec
 from tests.conftest import StartSidecar, sample, scrape
-
-
-@pytest.fixture
-async def toy_model() -> AsyncIterator[str]:
-    runner = web.AppRunner(make_model_app(), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
 
 
 async def settled(sidecar: Sidecar, name: str, expected: float, **labels: str) -> str:
@@ -193,3 +182,17 @@ async def test_hundred_thousand_row_batch(toy_model, start_sidecar):
         )
     assert status == 200
     await settled(sidecar, "ml_prediction_confidence_count", 100_000, model_name="iris")
+
+
+async def test_drift_per_model_from_paths(canned_upstream, start_sidecar):
+    """Two model names from the path get drift series of their own, side by side."""
+    route = RouteConfig(
+        name="echo", path="/echo/{model}", mapping=MappingSpec(features="instances")
+    )
+    sidecar = await start_sidecar(canned_upstream.url, routes=(route,))
+    async with aiohttp.ClientSession() as session:
+        for model in ("a", "b"):
+            body = json.dumps({"instances": [[1.0, 2.0]]}).encode()
+            assert (await post(session, f"{sidecar.proxy_url}/echo/{model}", body))[0] == 200
+    for model in ("a", "b"):
+        await settled(sidecar, "ml_drift_reference_frozen", 0, model_name=model)

@@ -21,6 +21,7 @@ from sidecar.config import Config, ConfigError
 from sidecar.extract.compile import build_extractor
 from sidecar.extract.presets import PRESETS
 from sidecar.pipeline import Pipeline
+from sidecar.profile import load as load_profile
 from sidecar.proxy.pool import UpstreamPool
 from sidecar.proxy.server import ProxyHandler
 from sidecar.readiness import UpstreamProbe
@@ -79,7 +80,8 @@ class Sidecar:
             connect_timeout=config.connect_timeout,
             read_timeout=config.upstream_timeout,
         )
-        pipeline = self._pipeline = Pipeline(config, build_routes(config), self.registry)
+        profile = load_profile(config.drift.profile) if config.drift.profile else None
+        pipeline = self._pipeline = Pipeline(config, build_routes(config), self.registry, profile)
         handler = ProxyHandler(pool, pipeline, max_body_bytes=config.max_body_bytes)
         up = Gauge(
             "sidecar_upstream_up",
@@ -93,6 +95,7 @@ class Sidecar:
             lenient=config.health_path is None and config.preset is None,
         )
         await self._probe.start()
+        await pipeline.feedback.open()
 
         # handler_cancellation: a client that hangs up cancels its request, upstream included.
         server = web.Server(handler, access_log=None, handler_cancellation=True)
@@ -102,7 +105,7 @@ class Sidecar:
         await proxy_site.start()
 
         probe = self._probe
-        admin = make_admin_app(self.registry, lambda: probe.status)
+        admin = make_admin_app(self.registry, lambda: probe.status, feedback=pipeline.feedback)
         self._admin_runner = web.AppRunner(admin, access_log=None)
         await self._admin_runner.setup()
         admin_site = web.TCPSite(self._admin_runner, config.admin_host, config.metrics_port)
@@ -130,6 +133,8 @@ class Sidecar:
             await self._probe.stop()
         if self._pool is not None:
             await self._pool.close()
+        if self._pipeline is not None:
+            await self._pipeline.feedback.close()  # after the proxy: its last rows get written
         log.info("stopped")
 
     def _try_reload(self, read: Callable[[], Config]) -> None:
@@ -203,7 +208,7 @@ RESTART_KEYS = (
     "upstream", "host", "port", "metrics_host", "metrics_port", "upstream_timeout",
     "connect_timeout", "health_path", "health_interval", "drain_timeout", "shutdown_delay",
     "model_name", "model_version", "framework", "max_body_bytes", "label_cap", "model_names",
-    "record_queue_size", "config_watch_interval",
+    "record_queue_size", "config_watch_interval", "feedback", "drift",
 )  # fmt: skip
 
 

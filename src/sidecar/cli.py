@@ -1,4 +1,4 @@
-"""Command line: `sidecar serve | check-config | demo | demo-model`. The only module that prints
+"""Command line: `sidecar serve | check-config | profile | loadtest | demo | demo-model`. The only module that prints
 or decides exit codes (0 ok, 1 runtime failure, 2 bad configuration or usage)."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from typing import Any
 
 import uvloop
 
-from sidecar import __version__, logs
+from sidecar import __version__, loadtest_cli, logs, profile_cli
 from sidecar.config import ConfigError, load
+from sidecar.profile import ProfileError
 
 log = logging.getLogger("sidecar")
 
@@ -33,6 +34,7 @@ SERVE_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("health_path", str, "upstream path whose 2xx means ready, e.g. /v2/health/ready"),
     ("drain_timeout", float, "seconds in-flight requests get to finish on SIGTERM (default 30)"),
     ("max_body_bytes", int, "bodies above this pass through unparsed (default 10 MiB)"),
+    ("profile", str, "reference profile for drift (`sidecar profile build`); key drift.profile"),
     ("log_level", str, "debug, info, warning or error (default info)"),
 )
 
@@ -100,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
         "makes one): serve a real MLServer iris model instead of the bundled toy model",
     )
 
+    profile_cli.register(commands)
+    loadtest_cli.register(commands)
+
     model = commands.add_parser(
         "demo-model",
         help="run only the bundled toy iris model server (KServe V1 and V2 protocols)",
@@ -116,10 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check-config": _check_config,
         "demo": _demo,
         "demo-model": _demo_model,
+        "profile": profile_cli.run,
+        "loadtest": loadtest_cli.run_command,
     }
     try:
         return handlers[args.command](args)
-    except ConfigError as exc:
+    except (ConfigError, ProfileError) as exc:
         print(f"sidecar: configuration error: {exc}", file=sys.stderr)
         return 2
 

@@ -20,6 +20,7 @@ import yaml
 
 from sidecar.extract.presets import PRESETS
 from sidecar.extract.spec import MappingSpec
+from sidecar.recorders.drift import DriftSettings
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -39,6 +40,7 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     method: str = "*"
     preset: str | None = None
     mapping: MappingSpec | None = None
+    inject_usage: bool | None = None  # openai preset only; None: the top-level inject_usage
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
@@ -48,6 +50,10 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
             msg = f"method {self.method!r} is not one of {sorted(HTTP_METHODS)}"
             raise ValueError(msg)
         _check_preset(self.preset)
+        _check_openai(self.preset, self.mapping)
+        if self.inject_usage and self.preset != "openai":
+            msg = "inject_usage applies to routes with preset openai only"
+            raise ValueError(msg)
 
 
 class FeatureRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -56,6 +62,41 @@ class FeatureRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     min: float = -math.inf
     max: float = math.inf
     type: Literal["numeric", "categorical"] = "numeric"
+
+
+class FeedbackSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Prediction log, `POST /feedback` and the metrics from labels (docs/ground-truth.md).
+
+    `store` is off by default, so a sidecar without a writable disk runs as before; a store that
+    cannot be opened is logged and /feedback answers 503, the proxy keeps serving.
+    """
+
+    store: str | None = None  # SQLite file (WAL); None keeps no predictions
+    max_rows: int = 1_000_000
+    max_age_seconds: float = 7 * 24 * 3600.0
+    sample_rate: float = 1.0  # share of requests logged, chosen by a hash of the request id
+    log_features: bool = True  # False keeps features out of the store and the JSON Lines
+    jsonl: str | None = None  # JSON Lines file, or "-" for stdout
+    token: str | None = None  # bearer token for /feedback; also SIDECAR_FEEDBACK_TOKEN
+    window_rows: tuple[int, ...] = (1000,)
+    window_seconds: tuple[float, ...] = (3600.0,)
+    segment: str | None = None  # a low-cardinality feature to break the label metrics down by
+    class_names: tuple[str, ...] | None = None  # index -> class for labels; default: mapping's
+    queue_rows: int = 100_000  # rows waiting for the writer; beyond it they are dropped
+    refresh_seconds: float = 10.0  # how often the windowed gauges are recomputed
+
+    def __post_init__(self) -> None:
+        positive = {"max_rows": self.max_rows, "max_age_seconds": self.max_age_seconds}
+        positive |= {"queue_rows": self.queue_rows, "refresh_seconds": self.refresh_seconds}
+        positive |= {"window_rows": min(self.window_rows, default=1)}
+        positive |= {"window_seconds": min(self.window_seconds, default=1)}
+        for key, value in positive.items():
+            if value <= 0:
+                msg = f"{key} must be positive, got {value}"
+                raise ValueError(msg)
+        if not 0.0 <= self.sample_rate <= 1.0:
+            msg = f"sample_rate must be within [0, 1], got {self.sample_rate}"
+            raise ValueError(msg)
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -79,6 +120,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     preset: str | None = None
     routes: tuple[RouteConfig, ...] = ()
     mapping: MappingSpec | None = None
+    inject_usage: bool = False  # openai: ask streams for usage, hide it from clients (docs/llm.md)
     max_body_bytes: int = 10 * 1024 * 1024
     label_cap: int = 50
     model_names: tuple[str, ...] = ()
@@ -86,10 +128,16 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     features: dict[str, FeatureRule] = msgspec.field(default_factory=dict)
     record_queue_size: int = 10_000
     config_watch_interval: float = 5.0
+    feedback: FeedbackSettings = msgspec.field(default_factory=FeedbackSettings)
+    drift: DriftSettings = msgspec.field(default_factory=DriftSettings)
 
     def __post_init__(self) -> None:
         _check_upstream(self.upstream)
         _check_preset(self.preset)
+        _check_openai(self.preset, self.mapping)
+        if self.inject_usage and "openai" not in {self.preset, *(r.preset for r in self.routes)}:
+            msg = "inject_usage is set, but no route uses the openai preset"
+            raise ValueError(msg)
         for key in ("port", "metrics_port"):
             value = getattr(self, key)
             if not 0 <= value <= 65535:
@@ -131,6 +179,18 @@ def _check_preset(preset: str | None) -> None:
         raise ValueError(msg)
 
 
+def _check_openai(preset: str | None, mapping: MappingSpec | None) -> None:
+    """The openai preset reads its payloads itself: a mapping may only name request fields."""
+    if preset != "openai" or mapping is None:
+        return
+    if mapping.expressions() or mapping.class_names is not None:
+        msg = (
+            "the openai preset takes only feature_names from mapping (the request fields to "
+            "record as features, e.g. [model, temperature])"
+        )
+        raise ValueError(msg)
+
+
 # Keys that can come from SIDECAR_* variables and flags: the scalar ones.
 SCALAR_KEYS: tuple[str, ...] = tuple(
     name
@@ -158,11 +218,30 @@ def load(
     for key, value in _from_environ(os.environ if environ is None else environ).items():
         raw[key] = value
         sources[key] = f"environment variable {ENV_PREFIX}{key.upper()}"
+    token = (os.environ if environ is None else environ).get(f"{ENV_PREFIX}FEEDBACK_TOKEN")
+    if token is not None and isinstance(raw.get("feedback", {}), dict):
+        # The one nested key with a variable of its own: a secret belongs in the environment.
+        raw["feedback"] = {**raw.get("feedback", {}), "token": token}
+    profile = (os.environ if environ is None else environ).get(f"{ENV_PREFIX}PROFILE")
+    if profile is not None:
+        _set_profile(raw, profile)
+        sources["drift"] = f"environment variable {ENV_PREFIX}PROFILE"
     for key, value in (overrides or {}).items():
-        if value is not None:
-            raw[key] = value
-            sources[key] = f"flag --{key.replace('_', '-')}"
+        if value is None:
+            continue
+        if key == "profile":
+            _set_profile(raw, value)
+            sources["drift"] = "flag --profile"
+            continue
+        raw[key] = value
+        sources[key] = f"flag --{key.replace('_', '-')}"
     return _convert(raw, sources)
+
+
+def _set_profile(raw: dict[str, Any], path: str) -> None:
+    """--profile and SIDECAR_PROFILE stand for the nested key drift.profile."""
+    drift = raw.get("drift")
+    raw["drift"] = {**(drift if isinstance(drift, dict) else {}), "profile": path}
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -49,7 +49,7 @@ class RateLimitedLog:
         self._last: dict[str, float] = {}
         self._held: dict[str, int] = {}
 
-    def warning(self, kind: str, message: str, **fields: Any) -> None:
+    def warning(self, kind: str, message: str, *, exc_info: bool = False, **fields: Any) -> None:
         now = time.monotonic()
         last = self._last.get(kind)
         if last is not None and now - last < self._interval:
@@ -57,4 +57,6 @@ class RateLimitedLog:
             return
         self._last[kind] = now
         suppressed = self._held.pop(kind, 0)
-        self._logger.warning(message, extra={"kind": kind, "suppressed": suppressed, **fields})
+        self._logger.warning(
+            message, exc_info=exc_info, extra={"kind": kind, "suppressed": suppressed, **fields}
+        )

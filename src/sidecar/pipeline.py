@@ -6,17 +6,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from sidecar import __version__
 from sidecar.config import Config
 from sidecar.exchange import Exchange
-from sidecar.extract.types import Message
+from sidecar.extract.presets import PRESETS
+from sidecar.extract.types import Extraction, Message
 from sidecar.logs import RateLimitedLog
+from sidecar.profile import Profile, content_hash
+from sidecar.recorders.drift import DriftRecorder
+from sidecar.recorders.feedback import FeedbackRecorder
 from sidecar.recorders.labels import LabelCap, OverflowCounter
+from sidecar.recorders.llm import LlmRecorder
 from sidecar.recorders.outputs import OutputRecorder
 from sidecar.recorders.quality import QualityRecorder
 from sidecar.recorders.red import MODEL_LABELS, RedRecorder
@@ -30,12 +37,20 @@ class Ticket:
     route: Route
     model: tuple[str, str]
     capture_bodies: bool
+    llm: bool = False  # an openai-preset route: streams cut short are counted
+    inject_usage: bool = False  # the proxy asks for stream usage and hides it (docs/llm.md)
 
 
 class Pipeline:
     """The proxy's ExchangeObserver. Nothing in here may fail a request: errors become metrics."""
 
-    def __init__(self, config: Config, routes: RouteTable, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        config: Config,
+        routes: RouteTable,
+        registry: CollectorRegistry,
+        profile: Profile | None = None,
+    ) -> None:
         self._config = config
         self._routes = routes
         self._red = RedRecorder(registry)
@@ -53,17 +68,25 @@ class Pipeline:
             "model_name", limit=config.label_cap, overflow=overflow, allowed=config.model_names
         )
         self._model_versions = LabelCap("model_version", limit=config.label_cap, overflow=overflow)
+        self._llm = LlmRecorder(registry, overflow=overflow, label_cap=config.label_cap)
+        self._llm_routes = _llm_routes(config)
         self._dropped = Counter(
             "sidecar_dropped_observations_total",
             "Exchanges whose payloads were not parsed: queue_full (recording fell behind) or "
-            "body_too_large (over max_body_bytes; the request itself passed through).",
+            "body_too_large (over max_body_bytes; the request itself passed through). Rows not "
+            "logged: prediction_log_full (the writer fell behind), prediction_log_error.",
             ["reason"],
             registry=registry,
         )
+        self._profile = profile
+        self._drift = DriftByModel()
+        registry.register(self._drift)
+        self._drift_for((config.model_name, config.model_version))  # its series exist from start
+        self.feedback = FeedbackRecorder(registry, config, dropped=self._dropped, overflow=overflow)
         self._pending: deque[tuple[Ticket, Exchange]] = deque()
         self._drain_scheduled = False
         self._complaints = RateLimitedLog(log)
-        _publish_model_info(config, registry)
+        _publish_model_info(config, registry, profile)
 
     def reconfigure(self, config: Config, routes: RouteTable) -> None:
         """Apply a reloaded config: new routes and extractors, thresholds and feature rules.
@@ -72,6 +95,7 @@ class Pipeline:
         """
         self._config = config
         self._routes = routes
+        self._llm_routes = _llm_routes(config)
         self._outputs.low_confidence_threshold = config.low_confidence_threshold
         self._quality.rules = config.features
 
@@ -79,7 +103,14 @@ class Pipeline:
         route, params = self._routes.match(method, path)
         model = self._model_labels(params)
         self._red.in_progress(model).inc()
-        return Ticket(route, model, capture_bodies=route.extractor is not None)
+        inject = self._llm_routes.get((route.name, route.template))  # None: not an LLM route
+        return Ticket(
+            route,
+            model,
+            capture_bodies=route.extractor is not None,
+            llm=inject is not None,
+            inject_usage=bool(inject),
+        )
 
     def end(self, ticket: Ticket, exchange: Exchange) -> None:
         self._red.in_progress(ticket.model).dec()
@@ -87,7 +118,10 @@ class Pipeline:
             self._red.record(ticket.model, ticket.route.name, exchange)
         except Exception:  # instrumentation never fails a request
             self._complaints.warning("record", "recording a request failed", exc_info=True)
-        if ticket.capture_bodies and 200 <= exchange.status < 300 and exchange.error is None:
+        if ticket.capture_bodies and (
+            (200 <= exchange.status < 300 and exchange.error is None)
+            or (ticket.llm and _cut_short(exchange))  # counted in _observe_payload
+        ):
             self._enqueue(ticket, exchange)
 
     def _enqueue(self, ticket: Ticket, exchange: Exchange) -> None:
@@ -114,12 +148,15 @@ class Pipeline:
                 self._complaints.warning("extract", "payload recording failed", exc_info=True)
 
     def _observe_payload(self, ticket: Ticket, exchange: Exchange) -> None:
+        if exchange.error is not None:  # an LLM call cut short (see end())
+            self._record_abort(ticket, exchange)
+            return
         extractor = ticket.route.extractor
         if extractor is None or exchange.request_body is None or exchange.response_body is None:
             return
         extraction = extractor(
             Message(exchange.request_body, exchange.request_headers),
-            Message(exchange.response_body, exchange.response_headers),
+            Message(exchange.response_body, exchange.response_headers, exchange.arrivals),
         )
         for failure in extraction.errors:
             self._red.count_error(ticket.model, ticket.route.name, failure)
@@ -127,8 +164,46 @@ class Pipeline:
                 failure, "payload could not be read", route=ticket.route.name, error_type=failure
             )
         self._outputs.record(ticket.model, ticket.route.name, extraction)
+        self.feedback.record(ticket.model, exchange.request_id, extraction, exchange.total_seconds)
+        drift = self._drift_for(ticket.model)
         if extraction.features is not None:
             self._quality.record(ticket.model, extraction.features)
+            drift.observe_features(extraction.features)
+        drift.observe_outputs(extraction.outputs)
+        if extraction.generation is not None:
+            model = self._llm_model(ticket, extraction)
+            self._llm.record(model, ticket.route.name, extraction.generation)
+
+    def _record_abort(self, ticket: Ticket, exchange: Exchange) -> None:
+        """Count a streamed LLM call that did not finish, under the model the request named."""
+        extractor = ticket.route.extractor
+        if extractor is None or exchange.request_body is None or exchange.error is None:
+            return
+        extraction = extractor(  # the request only: a cut reply is not read
+            Message(exchange.request_body, exchange.request_headers),
+            Message(b"", exchange.response_headers),
+        )
+        if extraction.generation is not None and extraction.generation.streamed:
+            model = self._llm_model(ticket, extraction)
+            self._llm.aborted(model, ticket.route.name, exchange.error)
+
+    def _llm_model(self, ticket: Ticket, extraction: Extraction) -> tuple[str, str]:
+        """LLM series carry the model the request named (capped like path names); RED series
+        of the same route carry the configured model, as they are labelled before any body."""
+        name = extraction.model_name
+        return (self._model_names.fold(name) if name else ticket.model[0], ticket.model[1])
+
+    def _drift_for(self, model: tuple[str, str]) -> DriftRecorder:
+        """One drift recorder per model (model labels are capped, so these are too)."""
+        recorder = self._drift.recorders.get(model)
+        if recorder is None:
+            recorder = self._drift.recorders[model] = DriftRecorder(
+                self._profile,
+                model_name=model[0],
+                model_version=model[1],
+                settings=self._config.drift,
+            )
+        return recorder
 
     def _model_labels(self, params: Mapping[str, str]) -> tuple[str, str]:
         name = params.get("model")
@@ -139,11 +214,55 @@ class Pipeline:
         )
 
 
-def _publish_model_info(config: Config, registry: CollectorRegistry) -> None:
+def _llm_routes(config: Config) -> dict[tuple[str, str], bool]:
+    """(route name, path template) of every openai-preset route -> its inject_usage."""
+    found: dict[tuple[str, str], bool] = {}
+    for route in config.routes:
+        if route.preset == "openai":
+            inject = config.inject_usage if route.inject_usage is None else route.inject_usage
+            found[(route.name, route.path)] = inject
+    if config.preset == "openai":
+        for preset_route in PRESETS["openai"].routes:
+            found.setdefault((preset_route.name, preset_route.path), config.inject_usage)
+    return found
+
+
+def _cut_short(exchange: Exchange) -> bool:
+    """The client left, or the upstream broke off after its answer had begun."""
+    if exchange.error == "client_disconnect":
+        return True
+    return exchange.error is not None and 200 <= exchange.status < 300
+
+
+class DriftByModel(Collector):
+    """The drift recorders of every model, exposed as one set of families: each recorder names
+    the same metrics, which a registry accepts only once."""
+
+    def __init__(self) -> None:
+        self.recorders: dict[tuple[str, str], DriftRecorder] = {}
+
+    def collect(self) -> Iterable[Metric]:
+        merged: dict[str, Metric] = {}
+        for recorder in list(self.recorders.values()):
+            for family in recorder.collect():
+                if family.name in merged:
+                    merged[family.name].samples.extend(family.samples)
+                else:
+                    merged[family.name] = family
+        return list(merged.values())
+
+
+def _publish_model_info(
+    config: Config, registry: CollectorRegistry, profile: Profile | None
+) -> None:
     info = Gauge(
         "ml_model_info",
-        "Always 1; labels describe the model and the sidecar in front of it.",
+        "Always 1; labels describe the model and the sidecar in front of it "
+        "(reference_profile: the content hash of the drift profile, empty without one).",
         [*MODEL_LABELS, "framework", "sidecar_version", "reference_profile"],
         registry=registry,
     )
-    info.labels(config.model_name, config.model_version, config.framework, __version__, "").set(1)
+    reference = content_hash(profile) if profile is not None else ""
+    info.labels(
+        config.model_name, config.model_version, config.framework, __version__, reference
+    ).set(1)

@@ -57,6 +57,9 @@ class Plan:
     model_version: TextReader | None = None
     decode_request: Decoder = decode
     decode_response: Decoder = decode
+    # A preset that reads both sides at once (openai: model and prompt from the request, usage
+    # and stream timings from the reply) brings a whole extractor; `assemble` returns it as is.
+    extractor: Extractor | None = None
 
     def overlay(self, other: Plan) -> Plan:
         """This plan with every reader that `other` sets replaced by `other`'s."""
@@ -67,11 +70,14 @@ class Plan:
             model_version=other.model_version or self.model_version,
             decode_request=self.decode_request,
             decode_response=self.decode_response,
+            extractor=other.extractor or self.extractor,
         )
 
 
 def assemble(plan: Plan) -> Extractor:
     """The per-request function. A side with no readers is never parsed."""
+    if plan.extractor is not None:
+        return plan.extractor
     read_features, read_outputs = plan.features, plan.outputs
     read_name, read_version = plan.model_name, plan.model_version
     decode_request, decode_response = plan.decode_request, plan.decode_response

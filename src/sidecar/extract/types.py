@@ -5,7 +5,7 @@ Nothing here knows about HTTP or Prometheus. Arrays are numpy, one row per item 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -16,10 +16,15 @@ ErrorType = Literal["request_parse", "response_parse", "mapping"]
 
 
 class Message(NamedTuple):
-    """One side of an exchange as extraction sees it: the raw body and lower-cased header names."""
+    """One side of an exchange as extraction sees it: the raw body and lower-cased header names.
+
+    `arrivals` says when a response body arrived, as (bytes so far, seconds since the request
+    came in) per piece; streams (server-sent events) are timed by it. Empty when not known.
+    """
 
     body: bytes
     headers: Mapping[str, str]
+    arrivals: Sequence[tuple[int, float]] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +59,33 @@ class Outputs:
     value: NDArray[np.float64] | None = None
 
 
+def _no_gaps() -> NDArray[np.float64]:
+    return np.zeros(0)
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """What one LLM call (OpenAI-style chat, completion or embedding) produced, for the LLM metrics.
+
+    Times are seconds as the sidecar saw them: `ttft` from the request's arrival to the first
+    event that carried output (None when the reply was not streamed, or had no output);
+    `token_gaps` between consecutive output events. Token counts come from the reply's `usage`
+    only, never estimated: `usage_known` is False when the server sent none (a stream whose
+    client did not ask for it), and then both counts are None. Lengths are in characters.
+    """
+
+    model_name: str | None = None  # as the request named it
+    streamed: bool = False  # the request asked for a stream
+    ttft: float | None = None
+    token_gaps: NDArray[np.float64] = field(default_factory=_no_gaps)
+    usage_known: bool = False
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reasons: tuple[str, ...] = ()  # one per choice that finished
+    prompt_chars: int | None = None
+    completion_chars: int | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Extraction:
     """Everything one exchange yielded. A failure on one side leaves the other side usable."""
@@ -64,6 +96,7 @@ class Extraction:
     model_name: str | None = None
     model_version: str | None = None
     errors: tuple[ErrorType, ...] = ()
+    generation: Generation | None = None  # LLM routes only
 
 
 Extractor = Callable[[Message, Message], Extraction]

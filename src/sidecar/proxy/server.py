@@ -17,6 +17,7 @@ from sidecar.exchange import Exchange, ExchangeObserver, RouteTicket
 from sidecar.proxy.headers import REQUEST_ID, RawHeaders, end_to_end, ensure_request_id, find
 from sidecar.proxy.pool import UpstreamPool, UpstreamResponse
 from sidecar.proxy.upstream import UpstreamError
+from sidecar.proxy.usage import ask_for_usage, usage_filter
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,9 @@ class ProxyHandler:
         body = _NO_BODY
         try:
             body = await self._read_body(request, ticket.capture_bodies)
+            if ticket.inject_usage and isinstance(body.data, bytes):  # docs/llm.md: bytes change
+                headers, data, relayed.strip_usage = ask_for_usage(headers, body.data)
+                body = body._replace(data=data)
             relayed.upstream_started = time.perf_counter()
             try:
                 upstream = await self._pool.request(
@@ -151,6 +155,7 @@ class ProxyHandler:
             relayed.fail("client_disconnect")
             return response
         last = b""
+        strip = usage_filter(upstream.status, headers, upstream.content_length, relayed.strip_usage)
         while True:
             try:
                 chunk = await upstream.read()
@@ -163,18 +168,18 @@ class ProxyHandler:
                 return response
             if not chunk:
                 break
-            relayed.add(chunk)
+            relayed.add(chunk)  # the sidecar's copy keeps what the upstream sent
             if upstream.at_eof():
                 last = chunk  # the final bytes go out with the end of the message
                 break
             try:
-                await response.write(chunk)
+                await response.write(chunk if strip is None else strip(chunk, False))
             except ConnectionError:
                 relayed.fail("client_disconnect")
                 return response
         relayed.upstream_done = time.perf_counter()
         try:
-            await response.write_eof(last)
+            await response.write_eof(last if strip is None else strip(last, True))
         except ConnectionError:
             relayed.fail("client_disconnect")
         return response
@@ -221,6 +226,7 @@ class _Relayed:
         "size",
         "started",
         "status",
+        "strip_usage",
         "truncated",
         "upstream_done",
         "upstream_started",
@@ -239,6 +245,7 @@ class _Relayed:
         self.truncated = False
         self.error: str | None = None
         self.arrivals: list[tuple[int, float]] = []
+        self.strip_usage = False  # inject_usage rewrote the request: hide the usage event
 
     def answered(self, status: int, headers: Mapping[str, str]) -> None:
         self.status = status

@@ -1,14 +1,18 @@
-"""The preset registry: one module per model-server protocol, looked up by name.
-
-An `openai` preset (chat/completions, SSE streams) is planned; it registers here like the others.
-"""
+"""The preset registry: one module per model-server protocol, looked up by name."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from sidecar.extract.presets import kserve_v1, mlflow, open_inference_v2, seldon_v1, torchserve
+from sidecar.extract.presets import (
+    kserve_v1,
+    mlflow,
+    open_inference_v2,
+    openai,
+    seldon_v1,
+    torchserve,
+)
 from sidecar.extract.presets.base import Preset, PresetRoute
 
 __all__ = ["PRESETS", "Preset", "PresetRoute", "get_preset"]
@@ -22,6 +26,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
             open_inference_v2.PRESET,
             seldon_v1.PRESET,
             torchserve.PRESET,
+            openai.PRESET,
         )
     }
 )

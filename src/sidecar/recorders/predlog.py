@@ -1,0 +1,355 @@
+"""The prediction log's writer: one thread that owns the SQLite store and the JSON Lines file.
+
+The event loop only appends to a bounded in-memory queue (`submit`); when the queue holds
+`queue_rows` rows, further predictions are dropped and counted. The thread writes whatever has
+queued in one transaction, runs feedback joins handed to it as jobs, and calls a refresh hook
+every `refresh_seconds`. Turning numpy outputs into rows and features into JSON happens here too,
+off the loop.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import IO, Any, TypeVar
+
+import numpy as np
+import orjson
+from numpy.typing import NDArray
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from sidecar.config import FeedbackSettings
+from sidecar.extract.types import FeatureTable, Outputs
+from sidecar.logs import RateLimitedLog
+from sidecar.recorders.predstore import MISSING_SEGMENT, LoggedRow, PredictionStore
+
+__all__ = ["LogBusy", "PendingPrediction", "PredictionLog", "expand"]
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING_JOBS = 16
+
+T = TypeVar("T")
+Job = Callable[[PredictionStore], Any]
+
+
+class LogBusy(RuntimeError):
+    """Too many feedback joins are waiting for the writer thread; try again later."""
+
+
+@dataclass(frozen=True, slots=True)
+class PendingPrediction:
+    """One exchange's predictions, as the event loop hands them over (arrays not yet unpacked)."""
+
+    ts: float
+    request_id: str
+    model: tuple[str, str]
+    outputs: Outputs
+    features: FeatureTable | None
+    latency_ms: float
+    rows: int
+
+
+class PredictionLog:
+    """The writer thread and its queues. `start` opens the store in the thread; `stop` flushes
+    what is queued, closes the files and joins. Both block: call them through a thread."""
+
+    def __init__(
+        self,
+        settings: FeedbackSettings,
+        *,
+        registry: CollectorRegistry,
+        dropped: Counter,
+        refresh: Callable[[PredictionStore, float], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._refresh = refresh
+        self._clock = clock
+        self._wake = threading.Condition()
+        self._pending: deque[PendingPrediction] = deque()
+        self._pending_rows = 0
+        self._jobs: deque[tuple[Job, concurrent.futures.Future[Any]]] = deque()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.store: PredictionStore | None = None
+        self._jsonl: IO[bytes] | None = None
+        # A full disk fails every batch: the counters count each one, the log says so once a minute.
+        self._complaints = RateLimitedLog(log)
+        self._full = dropped.labels("prediction_log_full")
+        self._failed = dropped.labels("prediction_log_error")
+        self._written = Counter(
+            "sidecar_prediction_log_written_total",
+            "Predicted rows written to the prediction log (SQLite store and/or JSON Lines).",
+            registry=registry,
+        )
+        self._evicted = Counter(
+            "sidecar_prediction_log_evicted_total",
+            "Rows removed from the prediction log store, oldest first: max_rows or max_age.",
+            ["reason"],
+            registry=registry,
+        )
+        self._rows = Gauge(
+            "sidecar_prediction_log_rows",
+            "Rows held in the prediction log store.",
+            registry=registry,
+        )
+        for reason in ("max_rows", "max_age"):
+            self._evicted.labels(reason)
+
+    def start(self) -> None:
+        """Start the thread; raise (and leave nothing running) if the store or file won't open."""
+        opened: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=self._run, args=(opened,), name="prediction-log", daemon=True
+        )
+        self._thread.start()
+        try:
+            opened.result()
+        except BaseException:
+            self._thread.join()
+            self._thread = None
+            raise
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def submit(self, prediction: PendingPrediction) -> None:
+        """Queue rows for writing, or drop and count them when the queue is full. Never blocks on
+        I/O: the lock is only held by the thread to swap the queue out."""
+        with self._wake:
+            if self._stopping or self._pending_rows + prediction.rows > self._settings.queue_rows:
+                self._full.inc(prediction.rows)
+                return
+            self._pending.append(prediction)
+            self._pending_rows += prediction.rows
+            self._wake.notify()
+
+    def run(self, job: Callable[[PredictionStore], T]) -> concurrent.futures.Future[T]:
+        """Run `job(store)` on the writer thread after the rows queued before it are written."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._wake:
+            if self._stopping or self._thread is None:
+                msg = "the prediction log is not running"
+                raise LogBusy(msg)
+            if len(self._jobs) >= MAX_PENDING_JOBS:
+                msg = f"{MAX_PENDING_JOBS} feedback calls are already waiting"
+                raise LogBusy(msg)
+            self._jobs.append((job, future))
+            self._wake.notify()
+        return future
+
+    def _run(self, opened: concurrent.futures.Future[None]) -> None:
+        try:
+            self._open()
+        except BaseException as exc:
+            opened.set_exception(exc)
+            return
+        opened.set_result(None)
+        try:
+            self._loop()
+        finally:
+            self._close()
+
+    def _open(self) -> None:
+        settings = self._settings
+        if settings.store is not None:
+            self.store = PredictionStore(
+                settings.store,
+                max_rows=settings.max_rows,
+                max_age_seconds=settings.max_age_seconds,
+            )
+            self._rows.set(self.store.rows)
+        if settings.jsonl == "-":
+            self._jsonl = sys.stdout.buffer
+        elif settings.jsonl is not None:
+            try:
+                self._jsonl = open(settings.jsonl, "ab")  # noqa: SIM115 (closed in _close)
+            except BaseException:
+                self._close()
+                raise
+
+    def _close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+        if self._jsonl is not None and self._jsonl is not sys.stdout.buffer:
+            self._jsonl.close()
+
+    def _loop(self) -> None:
+        next_refresh = time.monotonic()
+        while True:
+            with self._wake:
+                if not (self._pending or self._jobs or self._stopping):
+                    self._wake.wait(max(0.0, next_refresh - time.monotonic()))
+                batch, self._pending, self._pending_rows = self._pending, deque(), 0
+                jobs, self._jobs = self._jobs, deque()
+                done = self._stopping and not batch and not jobs
+            if batch:
+                self._write(batch)
+            for job, future in jobs:
+                # Rows queued before the job are written first, so a label can find them.
+                self._run_job(job, future)
+            if done:
+                return
+            if time.monotonic() >= next_refresh:
+                next_refresh = time.monotonic() + self._settings.refresh_seconds
+                self._maintain()
+
+    def _write(self, batch: deque[PendingPrediction]) -> None:
+        settings = self._settings
+        rows = [
+            row
+            for prediction in batch
+            for row in expand(prediction, features=settings.log_features, segment=settings.segment)
+        ]
+        if self._jsonl is not None:
+            try:
+                self._jsonl.write(b"".join(map(_jsonl_line, rows)))
+                self._jsonl.flush()
+            except OSError as exc:
+                self._complaints.warning("jsonl", "writing the JSON Lines failed", error=str(exc))
+        if self.store is not None:
+            try:
+                self._count_evictions(self.store.append(rows, self._clock()))
+            except Exception as exc:  # a full disk must not stop the thread
+                self._failed.inc(len(rows))
+                self._complaints.warning(
+                    "store", "writing the prediction log failed", error=repr(exc)
+                )
+                return
+        self._written.inc(len(rows))
+
+    def _run_job(self, job: Job, future: concurrent.futures.Future[Any]) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            if self.store is None:
+                msg = "the prediction log has no store"
+                raise LogBusy(msg)
+            future.set_result(job(self.store))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    def _maintain(self) -> None:
+        """Age out old rows even without traffic, then let the owner recompute its gauges."""
+        if self.store is None:
+            return
+        now = self._clock()
+        try:
+            self._count_evictions(self.store.evict(now))
+            if self._refresh is not None:
+                self._refresh(self.store, now)
+        except Exception as exc:
+            self._complaints.warning("maintain", "prediction log upkeep failed", error=repr(exc))
+
+    def _count_evictions(self, evicted: dict[str, int]) -> None:
+        for reason, count in evicted.items():
+            if count:
+                self._evicted.labels(reason).inc(count)
+        if self.store is not None:
+            self._rows.set(self.store.rows)
+
+
+def expand(
+    prediction: PendingPrediction, *, features: bool, segment: str | None
+) -> list[LoggedRow]:
+    """One LoggedRow per row of a batch: class, confidence, value, segment and features."""
+    n = prediction.rows
+    outputs = prediction.outputs
+    classes = _cells(outputs.classes, n)
+    confidence = _floats(outputs.confidence, n)
+    values = _floats(outputs.value, n)
+    table = prediction.features
+    cells = _feature_json(table, n) if features and table is not None else [None] * n
+    segments: list[str | None] = [None] * n
+    if segment is not None:
+        segments[:] = _segments(table, segment, n)
+    model_name, model_version = prediction.model
+    return [
+        LoggedRow(
+            prediction.request_id,
+            row,
+            prediction.ts,
+            model_name,
+            model_version,
+            None if classes[row] is None else str(classes[row]),
+            confidence[row],
+            values[row],
+            segments[row],
+            cells[row],
+            prediction.latency_ms,
+        )
+        for row in range(n)
+    ]
+
+
+def _cells(array: NDArray[Any] | None, n: int) -> list[Any]:
+    found = [] if array is None else array.tolist()[:n]
+    return found + [None] * (n - len(found))
+
+
+def _floats(array: NDArray[np.float64] | None, n: int) -> list[float | None]:
+    return [None if v is None or v != v else v for v in _cells(array, n)]  # v != v: NaN
+
+
+def _feature_column(table: FeatureTable, index: int) -> list[Any]:
+    """One column as JSON-ready cells: numbers, strings, or None where missing."""
+    cells = table.numeric[:, index].astype(object)
+    cells[table.missing[:, index]] = None
+    texts = table.strings.get(table.columns[index])
+    if texts is not None:
+        wrong = table.non_numeric[:, index]
+        cells[wrong] = texts[wrong]
+    return list(cells.tolist())
+
+
+def _feature_json(table: FeatureTable, n: int) -> list[str | None]:
+    names = table.columns
+    columns = [_feature_column(table, index) for index in range(len(names))]
+    rows = zip(*columns, strict=True) if names else iter(())
+    # orjson writes NaN and infinities as null, which is what JSON can say about them.
+    found = [orjson.dumps(dict(zip(names, row, strict=True))).decode() for row in rows]
+    return [*found[:n], *([None] * (n - len(found)))]
+
+
+def _segments(table: FeatureTable | None, segment: str, n: int) -> list[str]:
+    if table is None or segment not in table.columns:
+        return [MISSING_SEGMENT] * n
+    cells = _feature_column(table, table.columns.index(segment))
+    return [_segment_value(cell) for cell in cells[:n]] + [MISSING_SEGMENT] * (n - len(cells))
+
+
+def _segment_value(cell: Any) -> str:
+    if cell is None:
+        return MISSING_SEGMENT
+    if isinstance(cell, float) and cell.is_integer():
+        return str(int(cell))
+    return str(cell)
+
+
+def _jsonl_line(row: LoggedRow) -> bytes:
+    record: dict[str, Any] = {
+        "timestamp": datetime.fromtimestamp(row.ts, UTC).isoformat(timespec="milliseconds"),
+        "request_id": row.request_id,
+        "row": row.row,
+        "model_name": row.model_name,
+        "model_version": row.model_version,
+        "prediction": row.predicted if row.predicted is not None else row.value,
+        "probability": row.confidence,
+        "latency_ms": row.latency_ms,
+    }
+    if row.features is not None:
+        record["features"] = orjson.Fragment(row.features)
+    return orjson.dumps(record) + b"\n"

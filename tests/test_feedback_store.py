@@ -1,0 +1,202 @@
+"""The prediction log's parts without a server: the SQLite store's bounds, the writer's bounded
+queue, label spelling, and the classification arithmetic."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sqlite3
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+from sidecar.config import FeedbackSettings
+from sidecar.extract.types import FeatureTable, Outputs
+from sidecar.recorders.feedback import class_label, value_label
+from sidecar.recorders.labelstats import classification_scores, window_name
+from sidecar.recorders.predlog import PendingPrediction, PredictionLog, expand
+from sidecar.recorders.predstore import LoggedRow, PredictionStore
+from tests.test_feedback import reference_scores
+
+
+def rows(count: int, ts: float, prefix: str = "r") -> list[LoggedRow]:
+    return [
+        LoggedRow(f"{prefix}{i}", 0, ts + i, "m", "1", "a", 0.9, None, None, None, 1.0)
+        for i in range(count)
+    ]
+
+
+def test_age_bound_removes_the_oldest_rows_and_says_how_many(tmp_path: Path) -> None:
+    """Rows older than max_age_seconds go, oldest first, and are reported as max_age."""
+    store = PredictionStore(str(tmp_path / "s.db"), max_rows=1000, max_age_seconds=100.0)
+    assert store.append(rows(10, ts=1000.0), now=1009.0) == {"max_age": 0, "max_rows": 0}
+    # At 1105, rows stamped before 1005 (the first five) are older than 100 s.
+    assert store.evict(now=1105.0) == {"max_age": 5, "max_rows": 0}
+    assert store.rows == 5
+    assert store.find("r4", 0) is None
+    assert store.find("r5", 0) is not None
+
+
+def test_row_bound_keeps_the_newest_rows(tmp_path: Path) -> None:
+    """Beyond max_rows the oldest rows go first, across batches."""
+    store = PredictionStore(str(tmp_path / "s.db"), max_rows=7, max_age_seconds=1e9)
+    assert store.append(rows(5, ts=0.0, prefix="a"), now=10.0)["max_rows"] == 0
+    assert store.append(rows(5, ts=5.0, prefix="b"), now=10.0)["max_rows"] == 3
+    assert [store.find(f"a{i}", 0) is None for i in range(5)] == [True] * 3 + [False] * 2
+    assert store.rows == 7
+
+
+def test_store_survives_reopening_with_its_labels(tmp_path: Path) -> None:
+    """Rows, labels and the set of labelled models are read back by the next process."""
+    path = str(tmp_path / "s.db")
+    store = PredictionStore(path, max_rows=10, max_age_seconds=1e9)
+    store.append(rows(3, ts=0.0), now=0.0)
+    found = store.find("r1", 0)
+    assert found is not None
+    with store.transaction():
+        store.set_label(found, "b", None, now=5.0)
+    store.close()
+    again = PredictionStore(path, max_rows=10, max_age_seconds=1e9)
+    assert again.rows == 3
+    assert again.labelled_models == {("m", "1")}
+    reread = again.find("r1", 0)
+    assert reread is not None
+    assert (reread.label, reread.labelled_at) == ("b", 5.0)
+
+
+def test_store_is_in_wal_mode(tmp_path: Path) -> None:
+    """The journal is a write-ahead log: readers never block the writer."""
+    PredictionStore(str(tmp_path / "s.db"), max_rows=10, max_age_seconds=1.0).close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "s.db")) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_window_of_rows_takes_the_most_recently_labelled(tmp_path: Path) -> None:
+    """`last_rows` counts labelled rows by when their label arrived, newest first."""
+    store = PredictionStore(str(tmp_path / "s.db"), max_rows=100, max_age_seconds=1e9)
+    store.append(rows(4, ts=0.0), now=0.0)
+    with store.transaction():
+        for index, (name, label) in enumerate([("r0", "a"), ("r1", "b"), ("r2", "b")]):
+            found = store.find(name, 0)
+            assert found is not None
+            store.set_label(found, label, None, now=10.0 + index)
+    groups = store.window(("m", "1"), last_rows=2)
+    assert [(g.label, g.predicted, g.rows) for g in groups] == [("b", "a", 2)]
+    since = store.window(("m", "1"), since=10.0)
+    assert sorted((g.label, g.rows) for g in since) == [("a", 1), ("b", 2)]
+
+
+def test_full_queue_drops_and_counts_rows() -> None:
+    """The writer's queue holds queue_rows rows; a prediction that does not fit is dropped and
+    its rows counted as prediction_log_full."""
+    registry = CollectorRegistry()
+    dropped = Counter("dropped", "d", ["reason"], registry=registry)
+    log = PredictionLog(FeedbackSettings(queue_rows=10), registry=registry, dropped=dropped)
+    outputs = Outputs(classes=np.array(["a"] * 4, dtype=object))
+    for index in range(3):  # 4 + 4 fit, the next 4 do not (the thread is not running)
+        log.submit(PendingPrediction(0.0, f"r{index}", ("m", "1"), outputs, None, 1.0, 4))
+    assert registry.get_sample_value("dropped_total", {"reason": "prediction_log_full"}) == 4
+
+
+def test_a_failing_store_counts_its_rows_and_keeps_going(tmp_path: Path) -> None:
+    """A batch the store refuses (disk full) is counted as prediction_log_error; the thread
+    carries on and writes the next batch."""
+    registry = CollectorRegistry()
+    dropped = Counter("dropped", "d", ["reason"], registry=registry)
+    log = PredictionLog(
+        FeedbackSettings(store=str(tmp_path / "s.db")), registry=registry, dropped=dropped
+    )
+    log.start()
+    assert log.store is not None
+    append, failed = log.store.append, threading.Event()
+
+    def full_disk(rows: object, now: float) -> dict[str, int]:
+        failed.set()
+        raise sqlite3.OperationalError("database or disk is full")
+
+    log.store.append = full_disk  # type: ignore[method-assign]
+    outputs = Outputs(classes=np.array(["a"] * 3, dtype=object))
+    log.submit(PendingPrediction(0.0, "r1", ("m", "1"), outputs, None, 1.0, 3))
+    assert failed.wait(timeout=30)
+    log.store.append = append  # type: ignore[method-assign]
+    log.submit(PendingPrediction(0.0, "r2", ("m", "1"), outputs, None, 1.0, 3))
+    log.stop()
+    assert registry.get_sample_value("dropped_total", {"reason": "prediction_log_error"}) == 3
+    assert registry.get_sample_value("sidecar_prediction_log_written_total") == 3
+
+
+def test_expand_unpacks_a_batch_into_rows() -> None:
+    """Classes, confidences, features and segments line up by row; nulls stay null."""
+    table = FeatureTable(
+        columns=("x", "region"),
+        numeric=np.array([[1.5, np.nan], [np.nan, np.nan]]),
+        missing=np.array([[False, False], [True, True]]),
+        non_numeric=np.array([[False, True], [False, False]]),
+        strings={"region": np.array(["eu", None], dtype=object)},
+    )
+    outputs = Outputs(
+        classes=np.array(["a", None], dtype=object), confidence=np.array([0.75, np.nan])
+    )
+    prediction = PendingPrediction(5.0, "q", ("m", "1"), outputs, table, 2.0, 2)
+    first, second = expand(prediction, features=True, segment="region")
+    assert (first.predicted, first.confidence, first.segment) == ("a", 0.75, "eu")
+    assert first.features == '{"x":1.5,"region":"eu"}'
+    assert (second.predicted, second.confidence, second.segment) == (None, None, "__missing__")
+    assert second.features == '{"x":null,"region":null}'
+    assert expand(prediction, features=False, segment=None)[0].features is None
+
+
+@pytest.mark.parametrize(
+    ("label", "names", "expected"),
+    [
+        ("versicolor", ("setosa", "versicolor"), "versicolor"),
+        (1, ("setosa", "versicolor"), "versicolor"),
+        ("1", ("setosa", "versicolor"), "versicolor"),
+        (1.0, ("setosa", "versicolor"), "versicolor"),
+        (5, ("setosa", "versicolor"), "5"),
+        (1, None, "1"),
+        ("1", None, "1"),
+        ("cat", None, "cat"),
+        ("0", ("0", "zero"), "0"),  # a class literally named "0" wins over index 0
+        (0.5, None, "0.5"),
+    ],
+)
+def test_labels_are_spelt_like_predicted_classes(label, names, expected) -> None:
+    """Names stay names; indices, as numbers or digits, go through the class names."""
+    assert class_label(label, names) == expected
+
+
+def test_numeric_labels_accept_numbers_and_numeric_text() -> None:
+    """Regression labels: numbers or text that reads as a finite number."""
+    assert [value_label(v) for v in (2, 2.5, "3.25", "x", "nan")] == [2.0, 2.5, 3.25, None, None]
+
+
+def test_scores_equal_the_reference_on_random_data() -> None:
+    """Accuracy, per-class precision/recall/F1 and macro F1 from a confusion matrix equal the
+    long-hand reference, including classes only labelled or only predicted."""
+    rng = random.Random(5)
+    truth = [rng.choice("abcd") for _ in range(500)]
+    guess = [rng.choice("abce") for _ in range(500)]
+    matrix: dict[tuple[str, str], int] = {}
+    for pair in zip(truth, guess, strict=True):
+        matrix[pair] = matrix.get(pair, 0) + 1
+    accuracy, scores, macro = classification_scores(matrix)
+    expected = reference_scores(truth, guess)
+    assert accuracy == pytest.approx(expected["accuracy"], abs=1e-12)
+    assert macro == pytest.approx(expected["macro_f1"], abs=1e-12)
+    for name, score in scores.items():
+        assert (score.precision, score.recall, score.f1) == pytest.approx(expected[name])
+
+
+def test_window_names() -> None:
+    """Time windows are named like PromQL ranges."""
+    assert [window_name(s) for s in (3600, 86400, 1800, 90, 0.5)] == [
+        "1h",
+        "1d",
+        "30m",
+        "90s",
+        "0.5s",
+    ]
