@@ -1,5 +1,7 @@
-"""Command line: `sidecar serve | check-config | profile | loadtest | demo | demo-model`. The only module that prints
-or decides exit codes (0 ok, 1 runtime failure, 2 bad configuration or usage)."""
+"""Command line: `sidecar serve | check-config | profile | loadtest | demo | demo-model`.
+
+The only module that prints or decides exit codes (0 ok, 1 runtime failure, 2 bad configuration
+or usage)."""
 
 from __future__ import annotations
 
