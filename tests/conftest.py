@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.app import Sidecar
 from sidecar.config import Config
-from sidecar.demo import make_model_app
+from sidecar.demo import make_model_app, serve_app
 from sidecar.proxy.server import RelayResponse
 
 BIG = 20 * 1024 * 1024
@@ -168,11 +168,8 @@ def pytest_asyncio_loop_factories(
 @pytest.fixture
 async def toy_model() -> AsyncIterator[str]:
     """The bundled toy iris model (KServe V1 and V2) on an ephemeral port."""
-    runner = web.AppRunner(make_model_app(), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    async with serve_app(make_model_app()) as url:
+        yield url
 
 
 StartSidecar = Callable[..., Awaitable[Sidecar]]

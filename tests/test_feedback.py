@@ -4,22 +4,20 @@ labels posted to /feedback, and the figures compared with a plain implementation
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
 import pytest
-from aiohttp import web
 
 from sidecar.app import Sidecar
 from sidecar.config import FeedbackSettings
-from sidecar.demo import CLASSES, make_model_app
+from sidecar.demo import CLASSES
 from sidecar.extract.spec import MappingSpec
 from tests.conftest import StartSidecar, sample, scrape
 
@@ -57,24 +55,6 @@ def test_reference_matches_a_hand_worked_example() -> None:
 
 
 # --- fixtures and helpers ------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def serve(app: web.Application) -> AsyncIterator[str]:
-    """Run an aiohttp app on an ephemeral port; yield its base URL."""
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
-
-
-@pytest.fixture
-async def toy_model() -> AsyncIterator[str]:
-    async with serve(make_model_app()) as url:
-        yield url
 
 
 def iris_settings(store: Path, **settings: Any) -> dict[str, Any]:

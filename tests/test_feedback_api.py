@@ -4,7 +4,6 @@ and the JSON Lines copy of the prediction log."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,6 @@ import aiohttp
 import pytest
 
 from sidecar.config import FeedbackSettings, load
-from sidecar.demo import make_model_app
 from sidecar.recorders.feedback import MAX_ITEMS
 from tests.conftest import StartSidecar, scrape
 from tests.test_feedback import (
@@ -21,16 +19,9 @@ from tests.test_feedback import (
     logged,
     post_feedback,
     predict,
-    serve,
     until,
     value,
 )
-
-
-@pytest.fixture
-async def toy_model() -> AsyncIterator[str]:
-    async with serve(make_model_app()) as url:
-        yield url
 
 
 async def test_token_guards_feedback_but_not_metrics(

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from sidecar.app import Sidecar
 from sidecar.config import FeedbackSettings, RouteConfig
+from sidecar.demo import serve_app
 from sidecar.extract.spec import MappingSpec
 from tests.conftest import StartSidecar, scrape
 from tests.test_feedback import (
@@ -25,7 +26,6 @@ from tests.test_feedback import (
     post_feedback,
     post_shuffled,
     reference_scores,
-    serve,
     until,
     value,
 )
@@ -46,7 +46,7 @@ async def _echo(request: web.Request) -> web.Response:
 async def echo_model() -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_post("/predict", _echo)
-    async with serve(app) as url:
+    async with serve_app(app) as url:
         yield url
 
 

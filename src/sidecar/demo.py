@@ -111,15 +111,24 @@ async def send_traffic(
     return codes
 
 
-async def serve_model(host: str, port: int) -> None:
-    """Run the toy model server until cancelled."""
-    runner = web.AppRunner(make_model_app(), access_log=None)
+@contextlib.asynccontextmanager
+async def serve_app(
+    app: web.Application, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[str]:
+    """Run an aiohttp app (port 0: any free one); yield its base URL, clean up on exit."""
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     try:
-        await asyncio.Event().wait()
+        yield f"http://{host}:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+async def serve_model(host: str, port: int) -> None:
+    """Run the toy model server until cancelled."""
+    async with serve_app(make_model_app(), host, port):
+        await asyncio.Event().wait()
 
 
 async def run_demo(
@@ -143,7 +152,7 @@ async def run_demo(
             server = await stack.enter_async_context(run_mlserver(mlserver, Path(".demo/mlserver")))
             upstream, preset, what = server.url, "open-inference-v2", "MLServer iris (V2)"
         else:
-            upstream = await stack.enter_async_context(_toy_model())
+            upstream = await stack.enter_async_context(serve_app(make_model_app()))
             preset, what = "kserve-v1", "toy iris model (KServe V1, V2)"
         config = Config(
             upstream=upstream,
@@ -183,17 +192,6 @@ async def run_demo(
 _V2_EXAMPLE = (
     '{"inputs":[{"name":"input-0","shape":[1,4],"datatype":"FP64","data":[5.1,3.5,1.4,0.2]}]}'
 )
-
-
-@contextlib.asynccontextmanager
-async def _toy_model() -> AsyncIterator[str]:
-    runner = web.AppRunner(make_model_app(), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
 
 
 _EXCERPT = ("ml_requests_total", "ml_predictions_total", "ml_prediction_confidence_count")

@@ -46,6 +46,11 @@ class RouteTicket(Protocol):
     @property
     def capture_bodies(self) -> bool: ...
 
+    @property
+    def inject_usage(self) -> bool:
+        """Ask a streamed OpenAI-style call for token usage, and hide it from the client."""
+        ...
+
 
 TicketT = TypeVar("TicketT", bound=RouteTicket)
 
