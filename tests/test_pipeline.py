@@ -9,11 +9,15 @@ from collections import Counter
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict
+from prometheus_client import CollectorRegistry, generate_latest
 
-from sidecar.app import Sidecar
-from sidecar.config import RouteConfig
+from sidecar.app import Sidecar, build_routes
+from sidecar.config import RouteConfig, load
 from sidecar.demo import CLASSES
+from sidecar.exchange import Exchange
 from sidecar.extract.spec import MappingSpec
+from sidecar.pipeline import Pipeline
 from tests.conftest import StartSidecar, sample, scrape
 
 
@@ -196,3 +200,65 @@ async def test_drift_per_model_from_paths(canned_upstream, start_sidecar):
             assert (await post(session, f"{sidecar.proxy_url}/echo/{model}", body))[0] == 200
     for model in ("a", "b"):
         await settled(sidecar, "ml_drift_reference_frozen", 0, model_name=model)
+
+
+async def test_concurrent_requests_are_counted_exactly(toy_model, start_sidecar: StartSidecar):
+    """Exchanges that end together are read and recorded as one batch: every count stays exact."""
+    sidecar = await start_sidecar(
+        toy_model, preset="kserve-v1", mapping=MappingSpec(class_names=CLASSES)
+    )
+    rows = [[5.1, 3.5, 1.4, 0.2], [7.0, 3.2, 4.7, 1.4], [6.3, 3.3, 6.0, 2.5], [6.0, 2.9, 4.5, 1.5]]
+    sizes = [1 + i % 3 for i in range(300)]
+    returned: Counter[str] = Counter()
+    url = f"{sidecar.proxy_url}/v1/models/iris:predict"
+    async with aiohttp.ClientSession() as session:
+        answers = await asyncio.gather(
+            *(
+                post(session, url, json.dumps({"instances": rows[: size + 1]}).encode())
+                for size in sizes
+            )
+        )
+    for status, answer in answers:
+        assert status == 200
+        for probabilities in json.loads(answer)["predictions"]:
+            returned[CLASSES[probabilities.index(max(probabilities))]] += 1
+    total = sum(returned.values())
+    text = await settled(sidecar, "ml_prediction_confidence_count", total, model_name="iris")
+    for name, count in returned.items():
+        assert sample(text, "ml_predictions_total", model_name="iris", **{"class": name}) == count
+    assert sample(text, "ml_batch_size_count", route="predict", model_name="iris") == len(sizes)
+    assert sample(text, "ml_batch_size_sum", route="predict", model_name="iris") == total
+    assert sample(text, "ml_requests_total", route="predict", code="200") == len(sizes)
+    assert sample(text, "ml_request_duration_seconds_count", route="predict") == len(sizes)
+
+
+async def test_a_scrape_counts_exchanges_still_waiting_to_be_recorded():
+    """Recording waits a moment to batch exchanges; a scrape in that moment still sees them."""
+    config = load(environ={}, overrides={"upstream": "http://127.0.0.1:9", "preset": "kserve-v1"})
+    registry = CollectorRegistry()
+    pipeline = Pipeline(config, build_routes(config), registry)
+    body = b'{"instances": [[1, 2, 3, 4]]}'
+    answer = b'{"predictions": [[0.1, 0.7, 0.2]]}'
+    headers = CIMultiDict({"Content-Type": "application/json"})
+    for n in range(3):
+        ticket = pipeline.begin("POST", "/v1/models/iris:predict")
+        pipeline.end(
+            ticket,
+            Exchange(
+                method="POST",
+                path="/v1/models/iris:predict",
+                status=200,
+                request_id=str(n),
+                request_headers=headers,
+                response_headers=headers,
+                request_body=body,
+                response_body=answer,
+                request_size=len(body),
+                response_size=len(answer),
+                upstream_seconds=0.001,
+                total_seconds=0.002,
+            ),
+        )
+    text = generate_latest(registry).decode()  # no turn of the event loop since the requests
+    assert sample(text, "ml_requests_total", route="predict", code="200") == 3
+    assert sample(text, "ml_predictions_total", **{"class": "1"}) == 3

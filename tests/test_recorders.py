@@ -5,16 +5,19 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
 
 from sidecar.config import FeatureRule
-from sidecar.extract.types import Extraction, FeatureTable, Outputs
+from sidecar.exchange import Exchange
+from sidecar.extract.types import FeatureTable, Outputs
 from sidecar.recorders.batch import observe_many
 from sidecar.recorders.labels import OTHER, LabelCap, OverflowCounter
 from sidecar.recorders.outputs import OutputRecorder
 from sidecar.recorders.quality import QualityRecorder
+from sidecar.recorders.red import RedRecorder
 
 MODEL = ("iris", "v1")
 M = {"model_name": "iris", "model_version": "v1"}
@@ -54,7 +57,7 @@ def test_predictions_confidence_and_batch():
     recorder = outputs_recorder(registry)
     classes = np.array(["a", "b", "a", "a"], dtype=object)
     confidence = np.array([0.9, 0.6, 0.95, 0.5])
-    recorder.record(MODEL, "infer", Extraction(outputs=Outputs(classes, confidence), batch_size=4))
+    recorder.record(MODEL, "infer", Outputs(classes, confidence), [4])
     assert registry.get_sample_value("ml_predictions_total", {**M, "class": "a"}) == 3
     assert registry.get_sample_value("ml_predictions_total", {**M, "class": "b"}) == 1
     assert registry.get_sample_value("ml_prediction_confidence_count", M) == 4
@@ -68,7 +71,7 @@ def test_class_labels_are_capped_and_overflow_counted():
     registry = CollectorRegistry()
     recorder = outputs_recorder(registry, cap=2)
     classes = np.array([f"c{i}" for i in range(10)], dtype=object)
-    recorder.record(MODEL, "infer", Extraction(outputs=Outputs(classes=classes), batch_size=10))
+    recorder.record(MODEL, "infer", Outputs(classes=classes), [10])
     assert registry.get_sample_value("ml_predictions_total", {**M, "class": OTHER}) == 8
     assert registry.get_sample_value("sidecar_label_overflow_total", {"label": "class"}) == 8
     series = [s for m in registry.collect() for s in m.samples if s.name == "ml_predictions_total"]
@@ -86,7 +89,7 @@ def test_regression_values():
     registry = CollectorRegistry()
     recorder = outputs_recorder(registry)
     values = np.array([1.5, -3.0, 250.0])
-    recorder.record(MODEL, "score", Extraction(outputs=Outputs(value=values), batch_size=3))
+    recorder.record(MODEL, "score", Outputs(value=values), [3])
     assert registry.get_sample_value("ml_prediction_value_count", M) == 3
     # prometheus_client leaves out _sum when buckets go below zero (the sum may then decrease).
     assert registry.get_sample_value("ml_prediction_value_bucket", {**M, "le": "0.0"}) == 1
@@ -120,3 +123,55 @@ def test_quality_counts_by_reason():
     assert invalid("b", "wrong_type") == 1
     assert invalid("c", "wrong_type") is None  # categorical strings are fine
     assert invalid("a", "nan") is None
+
+
+EXCHANGES = st.lists(
+    st.tuples(
+        st.sampled_from(["GET", "POST", "BREW"]),
+        st.sampled_from([200, 404, 499, 502, 503]),
+        st.sampled_from([None, "upstream_timeout", "client_disconnect"]),
+        st.floats(0.0, 2.0),  # upstream seconds; 0 = no answer
+        st.floats(0.0, 0.01),  # the hop's own time
+        st.integers(0, 10**6),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(EXCHANGES)
+def test_red_record_many_matches_one_by_one(drawn):
+    """The batch path (numpy, one increment per bucket) gives the per-exchange path's counts."""
+    exchanges = [
+        Exchange(
+            method=method,
+            path="/p",
+            status=status,
+            request_id="r",
+            request_headers={},
+            response_headers={},
+            request_body=None,
+            response_body=None,
+            request_size=size,
+            response_size=size // 2,
+            upstream_seconds=upstream,
+            total_seconds=upstream + hop,
+            error=error,
+        )
+        for method, status, error, upstream, hop, size in drawn
+    ]
+    one, many = CollectorRegistry(), CollectorRegistry()
+    by_one, by_many = RedRecorder(one), RedRecorder(many)
+    for exchange in exchanges:
+        by_one.record(MODEL, "route", exchange)
+    by_many.record_many(MODEL, "route", exchanges)
+    assert samples(many) == pytest.approx(samples(one))
+
+
+def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    }

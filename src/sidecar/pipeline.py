@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ from prometheus_client.registry import Collector
 from sidecar import __version__
 from sidecar.config import Config
 from sidecar.exchange import Exchange
+from sidecar.extract.batch import BatchReader
 from sidecar.extract.presets import PRESETS
 from sidecar.extract.types import Extraction, Message
 from sidecar.logs import RateLimitedLog
@@ -30,6 +30,10 @@ from sidecar.recorders.red import MODEL_LABELS, RedRecorder
 from sidecar.routes import Route, RouteTable
 
 log = logging.getLogger(__name__)
+
+# Ended exchanges wait at most this long (seconds) to be recorded, or until this many are waiting.
+DRAIN_DELAY = 0.002
+DRAIN_NOW = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +57,7 @@ class Pipeline:
     ) -> None:
         self._config = config
         self._routes = routes
+        registry.register(_FlushOnScrape(self))  # first: it runs before the others are collected
         self._red = RedRecorder(registry)
         overflow = OverflowCounter(registry)
         self._outputs = OutputRecorder(
@@ -70,6 +75,7 @@ class Pipeline:
         self._model_versions = LabelCap("model_version", limit=config.label_cap, overflow=overflow)
         self._llm = LlmRecorder(registry, overflow=overflow, label_cap=config.label_cap)
         self._llm_routes = _llm_routes(config)
+        self._tickets: dict[tuple[Route, tuple[str, str]], Ticket] = {}  # Tickets are immutable
         self._dropped = Counter(
             "sidecar_dropped_observations_total",
             "Exchanges whose payloads were not parsed: queue_full (recording fell behind) or "
@@ -83,8 +89,10 @@ class Pipeline:
         registry.register(self._drift)
         self._drift_for((config.model_name, config.model_version))  # its series exist from start
         self.feedback = FeedbackRecorder(registry, config, dropped=self._dropped, overflow=overflow)
-        self._pending: deque[tuple[Ticket, Exchange]] = deque()
-        self._drain_scheduled = False
+        # Exchanges ended since the last drain, and whether their payloads are to be read.
+        self._pending: list[tuple[Ticket, Exchange, bool]] = []
+        self._queued_payloads = 0  # bounded by record_queue_size; the rest are counted as dropped
+        self._drain_handle: asyncio.Handle | None = None
         self._complaints = RateLimitedLog(log)
         _publish_model_info(config, registry, profile)
 
@@ -96,6 +104,7 @@ class Pipeline:
         self._config = config
         self._routes = routes
         self._llm_routes = _llm_routes(config)
+        self._tickets = {}
         self._outputs.low_confidence_threshold = config.low_confidence_threshold
         self._quality.rules = config.features
 
@@ -103,76 +112,145 @@ class Pipeline:
         route, params = self._routes.match(method, path)
         model = self._model_labels(params)
         self._red.in_progress(model).inc()
-        inject = self._llm_routes.get((route.name, route.template))  # None: not an LLM route
-        return Ticket(
-            route,
-            model,
-            capture_bodies=route.extractor is not None,
-            llm=inject is not None,
-            inject_usage=bool(inject),
-        )
+        ticket = self._tickets.get((route, model))
+        if ticket is None:  # bounded: routes times capped model labels
+            inject = self._llm_routes.get((route.name, route.template))  # None: not an LLM route
+            ticket = self._tickets[(route, model)] = Ticket(
+                route,
+                model,
+                capture_bodies=route.extractor is not None,
+                llm=inject is not None,
+                inject_usage=bool(inject),
+            )
+        return ticket
 
     def end(self, ticket: Ticket, exchange: Exchange) -> None:
         self._red.in_progress(ticket.model).dec()
-        try:
-            self._red.record(ticket.model, ticket.route.name, exchange)
-        except Exception:  # instrumentation never fails a request
-            self._complaints.warning("record", "recording a request failed", exc_info=True)
-        if ticket.capture_bodies and (
+        wanted = ticket.capture_bodies and (
             (200 <= exchange.status < 300 and exchange.error is None)
             or (ticket.llm and _cut_short(exchange))  # counted in _observe_payload
-        ):
-            self._enqueue(ticket, exchange)
-
-    def _enqueue(self, ticket: Ticket, exchange: Exchange) -> None:
-        if exchange.truncated:
+        )
+        if wanted and exchange.truncated:
             self._dropped.labels("body_too_large").inc()
-            return
-        if len(self._pending) >= self._config.record_queue_size:
+            wanted = False
+        elif wanted and self._queued_payloads >= self._config.record_queue_size:
             self._dropped.labels("queue_full").inc()
-            return
-        self._pending.append((ticket, exchange))
-        if not self._drain_scheduled:
-            # Parse after the reply is flushed and the handler has returned: the client must not
-            # wait for metrics, and the connection is free for its next request.
-            self._drain_scheduled = True
-            asyncio.get_running_loop().call_soon(self._drain)
+            wanted = False
+        self._queued_payloads += wanted
+        self._pending.append((ticket, exchange, wanted))
+        # Record after the reply is flushed and the handler has returned: the client must not
+        # wait for metrics, and the connection is free for its next request. Exchanges that end
+        # within DRAIN_DELAY are recorded together, which is much cheaper per exchange.
+        if self._drain_handle is None:
+            self._drain_handle = asyncio.get_running_loop().call_later(DRAIN_DELAY, self._drain)
+        elif len(self._pending) == DRAIN_NOW:
+            self._drain_handle.cancel()
+            self._drain_handle = asyncio.get_running_loop().call_soon(self._drain)
+
+    def flush(self) -> None:
+        """Record every exchange that has ended (a scrape must see all of them)."""
+        if self._drain_handle is not None:
+            self._drain_handle.cancel()
+            self._drain()
 
     def _drain(self) -> None:
-        self._drain_scheduled = False
-        while self._pending:
-            ticket, exchange = self._pending.popleft()
+        self._drain_handle = None
+        pending, self._pending = self._pending, []
+        self._queued_payloads = 0
+        groups: dict[tuple[int, tuple[str, str]], list[tuple[Ticket, Exchange, bool]]] = {}
+        for item in pending:
+            groups.setdefault((id(item[0].route), item[0].model), []).append(item)
+        for items in groups.values():
+            ticket = items[0][0]
             try:
-                self._observe_payload(ticket, exchange)
+                self._red.record_many(ticket.model, ticket.route.name, [item[1] for item in items])
+            except Exception:  # instrumentation never fails a request
+                self._complaints.warning("record", "recording requests failed", exc_info=True)
+            payloads = [(ticket, exchange) for ticket, exchange, wanted in items if wanted]
+            if payloads:
+                self._observe_payloads(ticket.route, ticket.model, payloads)
+
+    def _observe_payloads(
+        self, route: Route, model: tuple[str, str], items: list[tuple[Ticket, Exchange]]
+    ) -> None:
+        """Read the payloads of one route's exchanges: together where the route's plan can
+        (sidecar.extract.batch), one by one otherwise."""
+        alone = items
+        if route.batch is not None and len(items) > 1:
+            try:
+                alone = self._observe_merged(route.batch, route.name, model, items)
             except Exception:  # a recorder bug must not stop the others
                 self._complaints.warning("extract", "payload recording failed", exc_info=True)
+                return
+        for ticket, exchange in alone:
+            try:
+                self._observe_payload(ticket, exchange)
+            except Exception:
+                self._complaints.warning("extract", "payload recording failed", exc_info=True)
+
+    def _observe_merged(
+        self,
+        read: BatchReader,
+        route: str,
+        model: tuple[str, str],
+        items: list[tuple[Ticket, Exchange]],
+    ) -> list[tuple[Ticket, Exchange]]:
+        """Record the exchanges that `read` merges; return the others."""
+        readable: list[Exchange] = []
+        pairs: list[tuple[Message, Message]] = []
+        for _, exchange in items:
+            messages = _messages(exchange)
+            if messages is not None:
+                readable.append(exchange)
+                pairs.append(messages)
+        merged = read(pairs)
+        if merged is None:
+            return items
+        extraction = merged.extraction
+        members = [readable[position] for position in merged.members]
+        self._outputs.record(model, route, extraction.outputs, merged.row_counts)
+        self.feedback.record_merged(
+            model,
+            extraction,
+            [
+                (exchange.request_id, exchange.total_seconds, rows)
+                for exchange, rows in zip(members, merged.row_counts, strict=True)
+            ],
+        )
+        self._record_features(model, extraction)
+        taken = {id(exchange) for exchange in members}
+        return [item for item in items if id(item[1]) not in taken]
 
     def _observe_payload(self, ticket: Ticket, exchange: Exchange) -> None:
         if exchange.error is not None:  # an LLM call cut short (see end())
             self._record_abort(ticket, exchange)
             return
         extractor = ticket.route.extractor
-        if extractor is None or exchange.request_body is None or exchange.response_body is None:
+        messages = _messages(exchange)
+        if extractor is None or messages is None:
             return
-        extraction = extractor(
-            Message(exchange.request_body, exchange.request_headers),
-            Message(exchange.response_body, exchange.response_headers, exchange.arrivals),
-        )
+        extraction = extractor(*messages)
         for failure in extraction.errors:
             self._red.count_error(ticket.model, ticket.route.name, failure)
             self._complaints.warning(
                 failure, "payload could not be read", route=ticket.route.name, error_type=failure
             )
-        self._outputs.record(ticket.model, ticket.route.name, extraction)
+        self._outputs.record(
+            ticket.model, ticket.route.name, extraction.outputs, (extraction.batch_size,)
+        )
         self.feedback.record(ticket.model, exchange.request_id, extraction, exchange.total_seconds)
-        drift = self._drift_for(ticket.model)
-        if extraction.features is not None:
-            self._quality.record(ticket.model, extraction.features)
-            drift.observe_features(extraction.features)
-        drift.observe_outputs(extraction.outputs)
+        self._record_features(ticket.model, extraction)
         if extraction.generation is not None:
             model = self._llm_model(ticket, extraction)
             self._llm.record(model, ticket.route.name, extraction.generation)
+
+    def _record_features(self, model: tuple[str, str], extraction: Extraction) -> None:
+        """Data quality and drift, on features and outputs."""
+        drift = self._drift_for(model)
+        if extraction.features is not None:
+            self._quality.record(model, extraction.features)
+            drift.observe_features(extraction.features)
+        drift.observe_outputs(extraction.outputs)
 
     def _record_abort(self, ticket: Ticket, exchange: Exchange) -> None:
         """Count a streamed LLM call that did not finish, under the model the request named."""
@@ -227,11 +305,37 @@ def _llm_routes(config: Config) -> dict[tuple[str, str], bool]:
     return found
 
 
+def _messages(exchange: Exchange) -> tuple[Message, Message] | None:
+    """The exchange's bodies as extraction reads them; None unless both were captured."""
+    request, response = exchange.request_body, exchange.response_body
+    if request is None or response is None:
+        return None
+    return (
+        Message(request, exchange.request_headers),
+        Message(response, exchange.response_headers, exchange.arrivals),
+    )
+
+
 def _cut_short(exchange: Exchange) -> bool:
     """The client left, or the upstream broke off after its answer had begun."""
     if exchange.error == "client_disconnect":
         return True
     return exchange.error is not None and 200 <= exchange.status < 300
+
+
+class _FlushOnScrape(Collector):
+    """Exports nothing; being collected first, it makes every scrape include the exchanges
+    still waiting for the next drain."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        self._pipeline.flush()
+        return []
 
 
 class DriftByModel(Collector):

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from sidecar.extract.batch import BatchReader
 from sidecar.extract.types import Extractor
 
 UNMATCHED = "other"
@@ -31,12 +32,13 @@ def compile_path(template: str) -> re.Pattern[str]:
     return re.compile("^" + "".join(parts) + "$")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # one object per table entry: hashed by identity
 class Route:
     name: str
     method: str  # upper case, or "*" for any
     template: str
     extractor: Extractor | None = None
+    batch: BatchReader | None = None  # reads many small exchanges at once, when the plan can
     pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ error: they are valid traffic, just not JSON.
 
 from __future__ import annotations
 
+import functools
 import json
 import zlib
 from typing import Any, Final, NamedTuple
@@ -82,6 +83,7 @@ def decode(message: Message) -> Decoded:
         raise BodyError(msg) from None
 
 
+@functools.lru_cache(maxsize=64)  # a server sends one or two distinct values
 def _is_json_type(content_type: str | None) -> bool:
     if content_type is None:
         return True
@@ -95,7 +97,9 @@ def _inflate(body: bytes, encoding: str | None) -> bytes | None:
     A body that does not inflate is returned as it is: an HTTP client may already have decoded it
     while the header stayed, and if it really is broken, JSON parsing reports it.
     """
-    coding = (encoding or "identity").strip().lower()
+    if encoding is None:
+        return body
+    coding = encoding.strip().lower()
     if coding == "identity":
         return body
     if coding not in _WBITS:

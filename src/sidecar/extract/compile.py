@@ -1,4 +1,5 @@
-"""build_extractor: a route's preset and mapping config turned, once, into one extractor function.
+"""build_extractor: a route's preset and mapping config turned, once, into one extractor function
+(and build_batch_reader into its reader for many small exchanges at once).
 
 Every decision (which preset, which expressions, which names) is taken here at startup; the
 function returned only reads payloads.
@@ -6,6 +7,7 @@ function returned only reads payloads.
 
 from __future__ import annotations
 
+from sidecar.extract.batch import BatchReader, batch_reader
 from sidecar.extract.custom import mapping_plan
 from sidecar.extract.plan import Plan, Vocabulary, assemble
 from sidecar.extract.predictions import ClassNames
@@ -13,7 +15,7 @@ from sidecar.extract.presets import get_preset
 from sidecar.extract.spec import MappingSpec
 from sidecar.extract.types import Extractor
 
-__all__ = ["build_extractor"]
+__all__ = ["build_batch_reader", "build_extractor"]
 
 
 def build_extractor(preset: str | None, mapping: MappingSpec | None) -> Extractor:
@@ -25,10 +27,20 @@ def build_extractor(preset: str | None, mapping: MappingSpec | None) -> Extracto
     `confidence`, `probabilities`, `value`) replace the preset's output reading as a group.
     With neither, the extractor reads nothing. Unknown preset: ValueError.
     """
+    return assemble(_plan(preset, mapping))
+
+
+def build_batch_reader(preset: str | None, mapping: MappingSpec | None) -> BatchReader | None:
+    """The route's reader for many small exchanges at once (sidecar.extract.batch), None when its
+    plan has no row shortcut (custom expressions, tensors, LLM calls)."""
+    return batch_reader(_plan(preset, mapping))
+
+
+def _plan(preset: str | None, mapping: MappingSpec | None) -> Plan:
     vocabulary = Vocabulary()
     if mapping is not None:
         vocabulary = Vocabulary(mapping.feature_names, ClassNames(mapping.class_names))
     plan = Plan() if preset is None else get_preset(preset).make_plan(vocabulary)
     if mapping is not None:
         plan = plan.overlay(mapping_plan(mapping, vocabulary))
-    return assemble(plan)
+    return plan

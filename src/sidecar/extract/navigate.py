@@ -6,7 +6,7 @@ from typing import Any
 
 from sidecar.extract.errors import MappingError
 
-__all__ = ["member", "text"]
+__all__ = ["member", "non_empty_list", "row_list", "rows_at", "text"]
 
 
 def member(value: Any, key: str) -> Any:
@@ -27,3 +27,30 @@ def text(value: Any) -> str | None:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     return None
+
+
+def rows_at(value: Any, keys: tuple[str, ...]) -> list[Any] | None:
+    """The rows under the first of `keys` that `value` (an object) holds, if they are a plain
+    row list (see row_list); else None."""
+    if not isinstance(value, dict):
+        return None
+    for key in keys:
+        if key in value:
+            return row_list(value[key])
+    return None
+
+
+def row_list(value: Any) -> list[Any] | None:
+    """`value` if it is a non-empty list of rows (lists) or records (objects), else None.
+
+    A flat list is not taken: as features it is one row, as predictions one class per row, and
+    only the plan's own readers know which.
+    """
+    if isinstance(value, list) and value and isinstance(value[0], list | dict):
+        return value
+    return None
+
+
+def non_empty_list(value: Any) -> list[Any] | None:
+    """`value` if it is a non-empty list, else None."""
+    return value if isinstance(value, list) and value else None

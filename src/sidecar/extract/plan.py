@@ -8,14 +8,18 @@ from typing import Any, TypeVar
 
 from sidecar.extract.body import Decoded, Parsed, decode
 from sidecar.extract.errors import BodyError
-from sidecar.extract.predictions import ClassNames
+from sidecar.extract.predictions import ClassNames, read_prediction_rows
+from sidecar.extract.tables import table_from_value
 from sidecar.extract.types import ErrorType, Extraction, Extractor, FeatureTable, Message, Outputs
 
 __all__ = [
+    "BAD_PAYLOAD",
     "Decoder",
     "FeatureReader",
     "OutputReader",
     "Plan",
+    "RowFinder",
+    "Rows",
     "TextReader",
     "Vocabulary",
     "assemble",
@@ -30,11 +34,13 @@ TextReader = Callable[[Any], str | None]
 Decoder = Callable[[Message], Decoded]
 """Message -> parsed body or SKIPPED; raises BodyError. JSON by default; a streaming protocol
 (e.g. server-sent events) brings its own."""
+RowFinder = Callable[[Any], list[Any] | None]
+"""Parsed body -> its rows, one list item per row; None when the body is not a plain row list."""
 
 # Readers walk untrusted JSON the EAFP way: a missing key is a KeyError, a list where an object was
 # expected a TypeError, a bad reshape a ValueError, very deep nesting a RecursionError. Each of
 # them means "the payload is not shaped as the mapping says", which is what `mapping` reports.
-_BAD_PAYLOAD = (ValueError, TypeError, LookupError, ArithmeticError, RecursionError)
+BAD_PAYLOAD = (ValueError, TypeError, LookupError, ArithmeticError, RecursionError)
 
 _T = TypeVar("_T")
 
@@ -45,6 +51,31 @@ class Vocabulary:
 
     feature_names: tuple[str, ...] | None = None
     classes: ClassNames = field(default_factory=ClassNames)
+
+
+@dataclass(frozen=True, slots=True)
+class Rows:
+    """How a plan reads many small exchanges as one batch (sidecar.extract.batch): where each
+    body keeps its rows, and how the rows of many bodies, concatenated, become one table and one
+    set of outputs. It must agree with the plan's own readers on every body it finds rows in."""
+
+    features: RowFinder  # parsed request value -> its feature rows
+    outputs: RowFinder  # parsed response value -> its prediction rows
+    table: Callable[[list[Any], bool], FeatureTable]  # (rows, check_booleans) -> table
+    predictions: Callable[[list[Any]], Outputs | None]  # None unless read the vectorised way
+
+    @classmethod
+    def common(cls, vocabulary: Vocabulary, features: RowFinder, outputs: RowFinder) -> Rows:
+        """Rows read as most presets read them: table_from_value and read_predictions."""
+        names, classes = vocabulary.feature_names, vocabulary.classes
+
+        def table(rows: list[Any], check_booleans: bool) -> FeatureTable:
+            return table_from_value(rows, names, check_booleans=check_booleans)
+
+        def predictions(rows: list[Any]) -> Outputs | None:
+            return read_prediction_rows(rows, classes)
+
+        return cls(features, outputs, table, predictions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +91,17 @@ class Plan:
     # A preset that reads both sides at once (openai: model and prompt from the request, usage
     # and stream timings from the reply) brings a whole extractor; `assemble` returns it as is.
     extractor: Extractor | None = None
+    rows: Rows | None = None  # None: every exchange is read on its own
 
     def overlay(self, other: Plan) -> Plan:
         """This plan with every reader that `other` sets replaced by `other`'s."""
+        replaced = any(
+            reader is not None
+            for reader in (
+                other.features, other.outputs, other.model_name, other.model_version,
+                other.extractor,
+            )
+        )  # fmt: skip
         return Plan(
             features=other.features or self.features,
             outputs=other.outputs or self.outputs,
@@ -71,6 +110,8 @@ class Plan:
             decode_request=self.decode_request,
             decode_response=self.decode_response,
             extractor=other.extractor or self.extractor,
+            # The row shortcut mirrors the preset's readers: a replaced reader voids it.
+            rows=None if replaced else self.rows,
         )
 
 
@@ -108,7 +149,7 @@ def _request_side(
         return None
     try:
         return reader(parsed)
-    except _BAD_PAYLOAD:
+    except BAD_PAYLOAD:
         errors.append("mapping")
         return None
 
@@ -129,7 +170,7 @@ def _guarded(reader: Callable[[Any], _T] | None, value: Any, errors: list[ErrorT
         return None
     try:
         return reader(value)
-    except _BAD_PAYLOAD:
+    except BAD_PAYLOAD:
         errors.append("mapping")
         return None
 

@@ -24,6 +24,7 @@ __all__ = [
     "as_array",
     "combine",
     "read_floats",
+    "read_prediction_rows",
     "read_predictions",
     "read_probabilities",
 ]
@@ -84,6 +85,29 @@ def read_predictions(value: Any, classes: ClassNames) -> Outputs:
         return _mixed(array.tolist(), classes)
     msg = f"cannot read predictions from an array of dtype {array.dtype} and shape {array.shape}"
     raise MappingError(msg)
+
+
+def read_prediction_rows(rows: list[Any], classes: ClassNames) -> Outputs | None:
+    """What read_predictions gives for a list of rows when it can read them as one array: numbers
+    (classes), rows of probabilities, or label dicts with the same keys; None for anything else.
+
+    On these paths every row is read alone (argmax, max, label lookup), so the outputs of rows
+    concatenated from many payloads are those of each payload, concatenated.
+    """
+    if isinstance(rows[0], dict):
+        keys = tuple(rows[0])
+        return _best_of(_uniform_values(rows, keys), keys)
+    try:
+        array = np.asarray(rows)
+    except (ValueError, TypeError, RecursionError):  # ragged
+        return None
+    if array.dtype.kind not in "biuf" or array.ndim not in (1, 2) or array.size == 0:
+        return None
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]  # a column of classes
+    if array.ndim == 1:
+        return Outputs(classes=_number_labels(array, classes))
+    return read_probabilities(array, classes)
 
 
 def read_probabilities(value: Any, classes: ClassNames) -> Outputs:
@@ -203,14 +227,19 @@ def _triton(text: str) -> tuple[float, int, str | None] | None:
 def _label_dicts(rows: Sequence[Any], classes: ClassNames) -> Outputs:
     """Rows of `{label: probability}` (TorchServe); uniform rows take the vectorised path."""
     keys = tuple(rows[0]) if rows and isinstance(rows[0], dict) else ()
-    matrix = _uniform_values(rows, keys)
-    if matrix is not None:
-        best = np.argmax(np.where(np.isnan(matrix), -np.inf, matrix), axis=1)
-        return Outputs(
-            classes=np.asarray(keys, dtype=object)[best],
-            confidence=np.fmax.reduce(matrix, axis=1),
-        )
-    return _mixed(list(rows), classes)
+    uniform = _best_of(_uniform_values(rows, keys), keys)
+    return uniform if uniform is not None else _mixed(list(rows), classes)
+
+
+def _best_of(matrix: Floats | None, keys: tuple[str, ...]) -> Outputs | None:
+    """The best label and its probability per row of a rows x labels matrix."""
+    if matrix is None:
+        return None
+    best = np.argmax(np.where(np.isnan(matrix), -np.inf, matrix), axis=1)
+    return Outputs(
+        classes=np.asarray(keys, dtype=object)[best],
+        confidence=np.fmax.reduce(matrix, axis=1),
+    )
 
 
 def _uniform_values(rows: Sequence[Any], keys: tuple[str, ...]) -> Floats | None:

@@ -49,6 +49,16 @@ class FeatureTable:
     def n_rows(self) -> int:
         return int(self.numeric.shape[0])
 
+    def rows(self, start: int, stop: int) -> FeatureTable:
+        """Rows start..stop-1 (views, not copies)."""
+        return FeatureTable(
+            self.columns,
+            self.numeric[start:stop],
+            self.missing[start:stop],
+            self.non_numeric[start:stop],
+            {name: texts[start:stop] for name, texts in self.strings.items()},
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Outputs:
@@ -57,6 +67,14 @@ class Outputs:
     classes: NDArray[np.object_] | None = None
     confidence: NDArray[np.float64] | None = None
     value: NDArray[np.float64] | None = None
+
+    def rows(self, start: int, stop: int) -> Outputs:
+        """Rows start..stop-1 (views, not copies)."""
+        return Outputs(
+            None if self.classes is None else self.classes[start:stop],
+            None if self.confidence is None else self.confidence[start:stop],
+            None if self.value is None else self.value[start:stop],
+        )
 
 
 def _no_gaps() -> NDArray[np.float64]:

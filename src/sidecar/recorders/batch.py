@@ -22,5 +22,6 @@ def observe_many(child: Histogram, values: NDArray[np.float64]) -> None:
     # A value v falls in the first bucket whose bound is >= v, as in Histogram.observe.
     counts = np.bincount(np.searchsorted(bounds, finite, side="left"), minlength=bounds.size)
     child._sum.inc(float(finite.sum()))
-    for index in np.flatnonzero(counts):
-        child._buckets[index].inc(int(counts[index]))
+    for bucket, count in zip(child._buckets, counts.tolist(), strict=True):
+        if count:
+            bucket.inc(count)

@@ -34,7 +34,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from sidecar.config import Config
-from sidecar.extract.types import Extraction
+from sidecar.extract.types import Extraction, FeatureTable, Outputs
 from sidecar.recorders.labels import LabelCap, OverflowCounter
 from sidecar.recorders.labelstats import WindowGauges
 from sidecar.recorders.predlog import LogBusy, PendingPrediction, PredictionLog
@@ -239,28 +239,61 @@ class FeedbackRecorder:
         self, model: tuple[str, str], request_id: str, extraction: Extraction, seconds: float
     ) -> None:
         """Count the expected-correct sum and queue the rows for the log. On the event loop."""
-        outputs = extraction.outputs
+        self._count_expected(model, extraction.outputs)
+        count = _row_count(extraction)
+        if count:
+            self._submit(model, request_id, extraction.outputs, extraction.features, seconds, count)
+
+    def record_merged(
+        self,
+        model: tuple[str, str],
+        extraction: Extraction,
+        members: Sequence[tuple[str, float, int]],
+    ) -> None:
+        """`record` for several exchanges read as one (sidecar.extract.batch): `members` gives
+        each one's request id, seconds and rows, in the order of the extraction's rows."""
+        self._count_expected(model, extraction.outputs)
+        if self._log is None:
+            return
+        start = 0
+        for request_id, seconds, rows in members:
+            stop = start + rows
+            features = extraction.features
+            self._submit(
+                model,
+                request_id,
+                extraction.outputs.rows(start, stop),
+                None if features is None else features.rows(start, stop),
+                seconds,
+                rows,
+            )
+            start = stop
+
+    def _count_expected(self, model: tuple[str, str], outputs: Outputs) -> None:
         if outputs.confidence is not None and outputs.confidence.size:
             finite = outputs.confidence[np.isfinite(outputs.confidence)]
             if finite.size:
                 expected, rows = self._cbpe_children(model)
                 expected.inc(float(finite.sum()))
                 rows.inc(int(finite.size))
+
+    def _submit(
+        self,
+        model: tuple[str, str],
+        request_id: str,
+        outputs: Outputs,
+        features: FeatureTable | None,
+        seconds: float,
+        rows: int,
+    ) -> None:
+        """Hand one exchange's rows to the log's thread, if its request id is sampled."""
         if self._log is None or zlib.crc32(request_id.encode()) >= self._sample_below:
             return
-        count = _row_count(extraction)
-        if count:
-            self._log.submit(
-                PendingPrediction(
-                    self._clock(),
-                    request_id,
-                    model,
-                    outputs,
-                    extraction.features,
-                    seconds * 1000.0,
-                    count,
-                )
+        self._log.submit(
+            PendingPrediction(
+                self._clock(), request_id, model, outputs, features, seconds * 1000.0, rows
             )
+        )
 
     async def apply(self, items: Sequence[FeedbackItem]) -> dict[str, int]:
         """Join labels to logged rows on the log's thread; counts by result."""

@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.metrics import MetricWrapperBase
 
 OTHER = "__other__"
+
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+class Children(Generic[M]):
+    """A labelled metric's children, bound once per label values: `labels()` validates and takes
+    a lock on every call, a dict lookup does not. Callers cap the values, so this is bounded."""
+
+    def __init__(self, metric: M) -> None:
+        self._metric = metric
+        self._bound: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._bound.get(values)
+        if child is None:
+            child = self._bound[values] = self._metric.labels(*values)
+        return child
 
 
 class OverflowCounter:

@@ -3,12 +3,15 @@ and batch size, recorded per batch."""
 
 from __future__ import annotations
 
+from collections import Counter as Tally
+from collections.abc import Sequence
+
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from sidecar.extract.types import Extraction
+from sidecar.extract.types import Outputs
 from sidecar.recorders.batch import observe_many
-from sidecar.recorders.labels import LabelCap, OverflowCounter
+from sidecar.recorders.labels import Children, LabelCap, OverflowCounter
 from sidecar.recorders.red import MODEL_LABELS
 
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -31,53 +34,71 @@ class OutputRecorder:
         self._label_cap = label_cap
         self.low_confidence_threshold = low_confidence_threshold
         self._classes: dict[tuple[str, str], LabelCap] = {}
-        self._predictions = Counter(
-            "ml_predictions_total",
-            "Predicted rows by class, one per row; classes beyond the cap count as __other__.",
-            [*MODEL_LABELS, "class"],
-            registry=registry,
+        self._predictions = Children(
+            Counter(
+                "ml_predictions_total",
+                "Predicted rows by class, one per row; classes beyond the cap count as __other__.",
+                [*MODEL_LABELS, "class"],
+                registry=registry,
+            )
         )
-        self._confidence = Histogram(
-            "ml_prediction_confidence",
-            "Confidence of the predicted class (the highest probability), per row.",
-            MODEL_LABELS,
-            buckets=CONFIDENCE_BUCKETS,
-            registry=registry,
+        self._confidence = Children(
+            Histogram(
+                "ml_prediction_confidence",
+                "Confidence of the predicted class (the highest probability), per row.",
+                MODEL_LABELS,
+                buckets=CONFIDENCE_BUCKETS,
+                registry=registry,
+            )
         )
-        self._low_confidence = Counter(
-            "ml_low_confidence_predictions_total",
-            f"Rows with confidence below low_confidence_threshold ({low_confidence_threshold}).",
-            MODEL_LABELS,
-            registry=registry,
+        self._low_confidence = Children(
+            Counter(
+                "ml_low_confidence_predictions_total",
+                "Rows with confidence below low_confidence_threshold "
+                f"({low_confidence_threshold}).",
+                MODEL_LABELS,
+                registry=registry,
+            )
         )
-        self._value = Histogram(
-            "ml_prediction_value",
-            "Regression outputs, per row.",
-            MODEL_LABELS,
-            buckets=VALUE_BUCKETS,
-            registry=registry,
+        self._value = Children(
+            Histogram(
+                "ml_prediction_value",
+                "Regression outputs, per row.",
+                MODEL_LABELS,
+                buckets=VALUE_BUCKETS,
+                registry=registry,
+            )
         )
-        self._batch = Histogram(
-            "ml_batch_size",
-            "Rows per request.",
-            [*MODEL_LABELS, "route"],
-            buckets=BATCH_BUCKETS,
-            registry=registry,
+        self._batch = Children(
+            Histogram(
+                "ml_batch_size",
+                "Rows per request.",
+                [*MODEL_LABELS, "route"],
+                buckets=BATCH_BUCKETS,
+                registry=registry,
+            )
         )
 
-    def record(self, model: tuple[str, str], route: str, extraction: Extraction) -> None:
-        if extraction.batch_size:
-            self._batch.labels(*model, route).observe(extraction.batch_size)
-        outputs = extraction.outputs
+    def record(
+        self, model: tuple[str, str], route: str, outputs: Outputs, batch_sizes: Sequence[int]
+    ) -> None:
+        """Record the outputs of one exchange, or of several read as one (sidecar.extract.batch):
+        `batch_sizes` holds the rows of each (a 0, nothing read, is not a batch size)."""
+        if len(batch_sizes) == 1:
+            if batch_sizes[0]:
+                self._batch(*model, route).observe(batch_sizes[0])
+        elif batch_sizes:
+            sizes = np.asarray(batch_sizes, dtype=np.float64)
+            observe_many(self._batch(*model, route), sizes[sizes > 0])
         if outputs.classes is not None and outputs.classes.size:
             self._count_classes(model, outputs.classes)
         if outputs.confidence is not None and outputs.confidence.size:
-            observe_many(self._confidence.labels(*model), outputs.confidence)
+            observe_many(self._confidence(*model), outputs.confidence)
             low = int(np.count_nonzero(outputs.confidence < self.low_confidence_threshold))
             if low:
-                self._low_confidence.labels(*model).inc(low)
+                self._low_confidence(*model).inc(low)
         if outputs.value is not None and outputs.value.size:
-            observe_many(self._value.labels(*model), outputs.value)
+            observe_many(self._value(*model), outputs.value)
 
     def _count_classes(self, model: tuple[str, str], classes: np.ndarray) -> None:
         cap = self._classes.get(model)
@@ -85,6 +106,7 @@ class OutputRecorder:
             cap = self._classes[model] = LabelCap(
                 "class", limit=self._label_cap, overflow=self._overflow
             )
-        names, counts = np.unique(classes.astype(str), return_counts=True)
-        for name, count in zip(names.tolist(), counts.tolist(), strict=True):
-            self._predictions.labels(*model, cap.fold(name)).inc(count)
+        # Labels are Python objects (str, or None for a row without one): counted in C, a few
+        # distinct values.
+        for name, count in Tally(classes.tolist()).items():
+            self._predictions(*model, cap.fold(str(name))).inc(count)

@@ -6,8 +6,8 @@ from typing import Any
 
 from sidecar.extract.body import Parsed
 from sidecar.extract.errors import MappingError
-from sidecar.extract.navigate import member
-from sidecar.extract.plan import Plan, Vocabulary
+from sidecar.extract.navigate import member, non_empty_list, rows_at
+from sidecar.extract.plan import Plan, Rows, Vocabulary
 from sidecar.extract.predictions import read_predictions
 from sidecar.extract.presets.base import Preset, PresetRoute
 from sidecar.extract.tables import table_from_value
@@ -15,13 +15,15 @@ from sidecar.extract.types import FeatureTable, Outputs
 
 __all__ = ["PRESET"]
 
+_LAYOUTS = ("instances", "inputs")
+
 
 def make_plan(vocabulary: Vocabulary) -> Plan:
     names, classes = vocabulary.feature_names, vocabulary.classes
 
     def features(parsed: Parsed) -> FeatureTable:
         body = parsed.value
-        for key in ("instances", "inputs"):
+        for key in _LAYOUTS:
             if isinstance(body, dict) and key in body:
                 return table_from_value(body[key], names, check_booleans=parsed.may_hold_booleans)
         msg = "no instances or inputs in the request"
@@ -30,7 +32,14 @@ def make_plan(vocabulary: Vocabulary) -> Plan:
     def outputs(body: Any) -> Outputs:
         return read_predictions(member(body, "predictions"), classes)
 
-    return Plan(features=features, outputs=outputs)
+    def feature_rows(body: Any) -> list[Any] | None:
+        return rows_at(body, _LAYOUTS)
+
+    def prediction_rows(body: Any) -> list[Any] | None:
+        return non_empty_list(body.get("predictions")) if isinstance(body, dict) else None
+
+    rows = Rows.common(vocabulary, feature_rows, prediction_rows)
+    return Plan(features=features, outputs=outputs, rows=rows)
 
 
 PRESET = Preset(

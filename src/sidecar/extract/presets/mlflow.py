@@ -9,8 +9,8 @@ from typing import Any
 
 from sidecar.extract.body import Parsed
 from sidecar.extract.errors import MappingError
-from sidecar.extract.navigate import member
-from sidecar.extract.plan import Plan, Vocabulary
+from sidecar.extract.navigate import member, non_empty_list, rows_at
+from sidecar.extract.plan import Plan, Rows, Vocabulary
 from sidecar.extract.predictions import read_predictions
 from sidecar.extract.presets.base import Preset, PresetRoute
 from sidecar.extract.tables import rows_block, table_from_value
@@ -39,7 +39,16 @@ def make_plan(vocabulary: Vocabulary) -> Plan:
     def outputs(body: Any) -> Outputs:
         return read_predictions(member(body, "predictions"), classes)
 
-    return Plan(features=features, outputs=outputs)
+    def feature_rows(body: Any) -> list[Any] | None:
+        if isinstance(body, dict) and "dataframe_split" in body:
+            return None  # its columns come with each request
+        return rows_at(body, _LAYOUTS)
+
+    def prediction_rows(body: Any) -> list[Any] | None:
+        return non_empty_list(body.get("predictions")) if isinstance(body, dict) else None
+
+    rows = Rows.common(vocabulary, feature_rows, prediction_rows)
+    return Plan(features=features, outputs=outputs, rows=rows)
 
 
 PRESET = Preset(

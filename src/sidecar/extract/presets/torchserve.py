@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from sidecar.extract.body import Parsed
-from sidecar.extract.plan import Plan, Vocabulary
+from sidecar.extract.navigate import non_empty_list, row_list, rows_at
+from sidecar.extract.plan import Plan, Rows, Vocabulary
 from sidecar.extract.predictions import read_predictions
 from sidecar.extract.presets.base import Preset, PresetRoute
 from sidecar.extract.tables import table_from_value
@@ -35,7 +36,14 @@ def make_plan(vocabulary: Vocabulary) -> Plan:
     def outputs(body: Any) -> Outputs:
         return read_predictions(body, classes)
 
-    return Plan(features=features, outputs=outputs)
+    def feature_rows(body: Any) -> list[Any] | None:
+        return rows_at(body, _ENVELOPES) if isinstance(body, dict) else row_list(body)
+
+    def prediction_rows(body: Any) -> list[Any] | None:
+        return [body] if isinstance(body, dict) else non_empty_list(body)  # a dict is one row
+
+    rows = Rows.common(vocabulary, feature_rows, prediction_rows)
+    return Plan(features=features, outputs=outputs, rows=rows)
 
 
 PRESET = Preset(

@@ -1,0 +1,142 @@
+"""Many small exchanges of one route read as one batch.
+
+Reading one exchange costs a few microseconds of JSON parsing and tens of microseconds of numpy
+set-up (the table's arrays, argmax, labels), whatever its size; the recorders then pay again per
+call. Under load, exchanges of one route queue up between two turns of the event loop: reading the
+rows of all of them as one list makes that cost per batch instead of per request.
+
+The result must be what reading each exchange alone gives, concatenated. So only bodies whose rows
+sit in a plain list are merged (Rows says where), only when the merged outputs come from the
+vectorised paths, where every row is read on its own, and only exchanges whose every feature cell
+is a number. Anything else (a null, a string, ragged rows, a parse error) is left to the route's
+one-exchange extractor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from sidecar.extract.body import Parsed
+from sidecar.extract.errors import BodyError
+from sidecar.extract.plan import BAD_PAYLOAD, Decoder, Plan, Rows
+from sidecar.extract.types import Extraction, FeatureTable, Message, Outputs
+
+__all__ = ["MAX_MERGED_ROWS", "BatchReader", "Merged", "batch_reader"]
+
+# Exchanges this large are read alone: their own numpy work already amortises the set-up.
+MAX_MERGED_ROWS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Merged:
+    """The exchanges at `members` (positions in the input, in order) read as one extraction;
+    `row_counts` says how many of its rows each of them brought."""
+
+    extraction: Extraction
+    members: list[int]
+    row_counts: list[int]
+
+
+BatchReader = Callable[[Sequence[tuple[Message, Message]]], Merged | None]
+"""(request, response) pairs of one route -> the ones it could merge, or None if fewer than two."""
+
+
+def batch_reader(plan: Plan) -> BatchReader | None:
+    """The plan's reader for many exchanges at once; None if the plan has no row shortcut."""
+    rows = plan.rows
+    if rows is None or plan.extractor is not None:
+        return None
+    decode_request, decode_response = plan.decode_request, plan.decode_response
+
+    def read(pairs: Sequence[tuple[Message, Message]]) -> Merged | None:
+        request_rows: list[Any] = []
+        response_rows: list[Any] = []
+        members: list[int] = []
+        counts: list[int] = []
+        check_booleans = False
+        for position, (request, response) in enumerate(pairs):
+            features = _rows(request, decode_request, rows.features)
+            if features is None:
+                continue
+            outputs = _rows(response, decode_response, rows.outputs)
+            found = len(features[0])
+            if outputs is None or len(outputs[0]) != found or found > MAX_MERGED_ROWS:
+                continue
+            request_rows += features[0]
+            response_rows += outputs[0]
+            check_booleans = check_booleans or features[1]
+            members.append(position)
+            counts.append(found)
+        if len(members) < 2:
+            return None
+        return _read(rows, request_rows, response_rows, check_booleans, members, counts)
+
+    return read
+
+
+def _rows(
+    message: Message, decoder: Decoder, find: Callable[[Any], list[Any] | None]
+) -> tuple[list[Any], bool] | None:
+    """The body's rows and whether it may hold booleans; None if it has no plain row list."""
+    try:
+        parsed = decoder(message)
+    except BodyError:
+        return None
+    if not isinstance(parsed, Parsed):
+        return None
+    found = find(parsed.value)
+    return None if found is None else (found, parsed.may_hold_booleans)
+
+
+def _read(
+    rows: Rows,
+    request_rows: list[Any],
+    response_rows: list[Any],
+    check_booleans: bool,
+    members: list[int],
+    counts: list[int],
+) -> Merged | None:
+    """One table and one set of outputs for all the rows; members with a row that is not all
+    numbers (a null, a string, a short row) are dropped from the result, to be read alone."""
+    try:
+        table = rows.table(request_rows, check_booleans)
+        outputs = rows.predictions(response_rows)
+    except BAD_PAYLOAD:
+        return None
+    n = len(request_rows)
+    if outputs is None or table.n_rows != n:
+        return None
+    flagged = table.missing.any(axis=1) | table.non_numeric.any(axis=1)
+    if not flagged.any():
+        return Merged(Extraction(features=table, outputs=outputs, batch_size=n), members, counts)
+    owner = np.repeat(np.arange(len(members)), counts)  # row -> position in members
+    spoiled = np.zeros(len(members), dtype=bool)
+    spoiled[owner[flagged]] = True
+    if np.count_nonzero(~spoiled) < 2:
+        return None
+    keep = ~spoiled[owner]
+    clean = FeatureTable(  # kept rows are all numbers: no flags, no strings
+        table.columns,
+        table.numeric[keep],
+        np.zeros((int(keep.sum()), len(table.columns)), dtype=bool),
+        np.zeros((int(keep.sum()), len(table.columns)), dtype=bool),
+    )
+    kept = np.flatnonzero(~spoiled).tolist()
+    return Merged(
+        Extraction(features=clean, outputs=_select(outputs, keep), batch_size=clean.n_rows),
+        [members[i] for i in kept],
+        [counts[i] for i in kept],
+    )
+
+
+def _select(outputs: Outputs, keep: NDArray[np.bool_]) -> Outputs:
+    return Outputs(
+        None if outputs.classes is None else outputs.classes[keep],
+        None if outputs.confidence is None else outputs.confidence[keep],
+        None if outputs.value is None else outputs.value[keep],
+    )
