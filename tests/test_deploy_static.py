@@ -304,9 +304,15 @@ def test_alert_carries_severity_for_and_a_numbered_runbook(rule: dict[str, Any])
 
 def test_slo_objectives_are_set_once() -> None:
     """Each objective is recorded once, the latency threshold is a bucket of the duration
-    histogram, and the SLO rules hold no other number than 0 and 1: they read the objectives."""
+    histogram, the SLO rules hold no other number than 0 and 1 (they read the objectives), and
+    the accuracy alert compares with its objective rather than a number of its own."""
     objectives = [r for r in own_rules() if r.get("record") == "sidecar:slo_objective:ratio"]
-    assert sorted(r["labels"]["slo"] for r in objectives) == ["availability", "latency"]
+    assert sorted(r["labels"]["slo"] for r in objectives) == ["accuracy", "availability", "latency"]
+    accuracy = next(r for r in alert_rules() if r["alert"] == "MLAccuracyBelowObjective")
+    assert re.search(
+        r'model:ml_accuracy:ratio1h\s*<[^<>]*sidecar:slo_objective:ratio\{slo="accuracy"\}',
+        accuracy["expr"],
+    )
     latency = next(r for r in objectives if r["labels"]["slo"] == "latency")
     from sidecar.recorders.red import LATENCY_BUCKETS
 
