@@ -1,0 +1,29 @@
+# Shared by the benchmark scripts: paths, the canned upstream, cleanup. Source it, do not run it.
+set -u
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH=${BENCH:-$ROOT/../shared/bench}   # nginx configs, post.lua, naive proxy
+PY=${PY:-$ROOT/.venv/bin/python}
+SIDECAR=${SIDECAR:-$ROOT/.venv/bin/sidecar}
+WORK=${WORK:-/tmp/sidecar-bench}
+mkdir -p "$WORK" /tmp/bench
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; }
+trap cleanup EXIT
+
+need() { # command... : fail early with the package to install
+  for c in "$@"; do
+    command -v "$c" >/dev/null || { echo "missing $c (apt-get install -y nginx-light wrk)" >&2; exit 2; }
+  done
+}
+
+start_upstream() { # the canned iris model (nginx) on 127.0.0.1:18001, CPU 0
+  taskset -c 0 nginx -c "$BENCH/nginx-upstream.conf" & pids+=($!)
+}
+
+wait_port() { # port: until something listens
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on port $1" >&2; exit 1
+}
