@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sidecar import profile as profiles
-from sidecar import profile_cli
+from sidecar import profile_cli, profile_io
 
 ROWS = 6000
 
@@ -58,9 +58,9 @@ def build(path: Path, **options: object) -> profiles.Profile:
 @pytest.fixture
 def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     """Force many small batches, so the streaming (multi-batch) path is what runs."""
-    monkeypatch.setattr(profiles, "CSV_BLOCK", 8192)
-    monkeypatch.setattr(profiles, "PARQUET_BATCH", 700)
-    monkeypatch.setattr(profiles, "JSONL_CHUNK", 8192)
+    monkeypatch.setattr(profile_io, "CSV_BLOCK", 8192)
+    monkeypatch.setattr(profile_io, "PARQUET_BATCH", 700)
+    monkeypatch.setattr(profile_io, "JSONL_CHUNK", 8192)
 
 
 @pytest.mark.usefixtures("small_batches")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from numpy.typing import NDArray
-from tqdm import tqdm
 
+from sidecar.profile_io import READERS, Format, ProfileError, format_of, progress_bar
 from sidecar.sketches import (
     CDF_LEVELS,
     N_BINS,
@@ -67,21 +67,12 @@ VERSION = 1
 DEFAULT_TOP_K = 20
 MAX_TOP_K = 50
 SAMPLE_SIZE = 20_000  # per numeric column; places edges to about +-0.4% of mass
-LARGE_FILE = 16 * 1024 * 1024  # show progress bars from this size on
-CSV_BLOCK = 4 << 20  # bytes per CSV batch
-PARQUET_BATCH = 65_536  # rows per Parquet batch
-JSONL_CHUNK = 8 << 20  # bytes per JSON Lines batch (cut at a line end)
 SUMMARY_SIZE = 20 * MAX_TOP_K  # frequent-value candidates kept per categorical column in pass 1
 
 CLASS, CONFIDENCE, VALUE = "__class__", "__confidence__", "__value__"
 OUTPUT_KINDS: Mapping[str, Kind] = {CLASS: "categorical", CONFIDENCE: "numeric", VALUE: "numeric"}
 
 Kind = Literal["numeric", "categorical"]
-Format = Literal["csv", "parquet", "jsonl"]
-
-
-class ProfileError(ValueError):
-    """A profile (or the data it is built from) is unusable; the message says where and why."""
 
 
 # --- the document -------------------------------------------------------------------------------
@@ -535,8 +526,8 @@ def build(
     if not source.is_file():
         msg = f"{source}: no such file"
         raise ProfileError(msg)
-    kind_of_file = fmt or _format_of(source)
-    reader = _READERS[kind_of_file]
+    kind_of_file = fmt or format_of(source)
+    reader = READERS[kind_of_file]
     peek = reader(source, None)
     try:
         first = next(peek, None)
@@ -556,7 +547,7 @@ def build(
     passes = iter(("pass 1/2", "pass 2/2"))
 
     def batches() -> Iterator[Batch]:
-        bar = _bar(source, next(passes, "pass"), progress)
+        bar = progress_bar(source, next(passes, "pass"), progress)
         with bar:
             for n, arrays in reader(source, bar):
                 yield (
@@ -675,124 +666,3 @@ def _labels(array: Any) -> NDArray[np.str_]:
             pa.string(),
         )
     return np.asarray(pc.fill_null(text, "").to_numpy(zero_copy_only=False)).astype(str)
-
-
-# --- readers ------------------------------------------------------------------------------------
-
-Reader = Callable[[Path, "tqdm[Any] | None"], Generator[tuple[int, dict[str, Any]]]]
-
-
-def _format_of(path: Path) -> Format:
-    suffixes = [s.lower() for s in path.suffixes]
-    if ".csv" in suffixes or ".tsv" in suffixes:
-        return "csv"
-    if ".parquet" in suffixes or ".pq" in suffixes:
-        return "parquet"
-    if ".jsonl" in suffixes or ".ndjson" in suffixes or ".json" in suffixes:
-        return "jsonl"
-    msg = f"{path}: cannot tell the format from the name; expected .csv, .parquet or .jsonl"
-    raise ProfileError(msg)
-
-
-def _bar(path: Path, desc: str, progress: bool) -> tqdm[Any]:
-    size = path.stat().st_size
-    return tqdm(
-        total=size,
-        unit="B",
-        unit_scale=True,
-        desc=f"profile {desc}",
-        leave=False,
-        disable=not progress or size < LARGE_FILE,
-    )
-
-
-def _read_csv(path: Path, bar: tqdm[Any] | None) -> Generator[tuple[int, dict[str, Any]]]:
-    from pyarrow import csv
-
-    # Every column is read as text and parsed here: pyarrow infers types from the first block
-    # only, and a later "1.5" in an int column would abort the read.
-    with csv.open_csv(path) as probe:
-        names = probe.schema.names
-    convert = csv.ConvertOptions(
-        column_types=dict.fromkeys(names, pa.string()), strings_can_be_null=True
-    )
-    with (
-        pa.OSFile(str(path)) as handle,
-        csv.open_csv(
-            handle, read_options=csv.ReadOptions(block_size=CSV_BLOCK), convert_options=convert
-        ) as reader,
-    ):
-        done = 0
-        for batch in reader:
-            if bar is not None:
-                bar.update(handle.tell() - done)
-                done = handle.tell()
-            yield batch.num_rows, dict(zip(batch.schema.names, batch.columns, strict=True))
-
-
-def _read_parquet(path: Path, bar: tqdm[Any] | None) -> Generator[tuple[int, dict[str, Any]]]:
-    from pyarrow import parquet
-
-    with parquet.ParquetFile(path) as file:
-        share = path.stat().st_size / max(file.metadata.num_rows, 1)
-        for batch in file.iter_batches(batch_size=PARQUET_BATCH):
-            if bar is not None:
-                bar.update(batch.num_rows * share)
-            yield batch.num_rows, dict(zip(batch.schema.names, batch.columns, strict=True))
-
-
-def _read_jsonl(path: Path, bar: tqdm[Any] | None) -> Generator[tuple[int, dict[str, Any]]]:
-    with path.open("rb") as handle:
-        tail = b""
-        while block := handle.read(JSONL_CHUNK):
-            if bar is not None:
-                bar.update(len(block))
-            data = tail + block
-            cut = data.rfind(b"\n") + 1
-            tail, data = data[cut:], data[:cut]
-            if data.strip():
-                yield _parse_jsonl(data, path)
-        if tail.strip():
-            yield _parse_jsonl(tail, path)
-
-
-def _parse_jsonl(data: bytes, path: Path) -> tuple[int, dict[str, Any]]:
-    from pyarrow import json
-
-    try:
-        table = json.read_json(
-            pa.BufferReader(data), read_options=json.ReadOptions(block_size=len(data) + 1)
-        )
-        return table.num_rows, {name: table.column(name) for name in table.column_names}
-    except pa.ArrowInvalid:
-        pass  # a column changes type inside this chunk: read it line by line, as text
-    try:
-        rows = [msgspec.json.decode(line) for line in data.splitlines() if line.strip()]
-    except msgspec.DecodeError as exc:
-        msg = f"{path}: not JSON Lines: {exc}"
-        raise ProfileError(msg) from exc
-    if not all(isinstance(row, dict) for row in rows):
-        msg = f"{path}: every line must be a JSON object"
-        raise ProfileError(msg)
-    names = list(dict.fromkeys(key for row in rows for key in row))
-    return len(rows), {name: _mixed([row.get(name) for row in rows]) for name in names}
-
-
-def _mixed(values: list[Any]) -> pa.Array:
-    try:
-        return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return pa.array(
-            [
-                v if v is None or isinstance(v, str) else msgspec.json.encode(v).decode()
-                for v in values
-            ],
-            pa.string(),
-        )
-
-
-_READERS: Mapping[Format, Reader] = {
-    "csv": _read_csv,
-    "parquet": _read_parquet,
-    "jsonl": _read_jsonl,
-}
