@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.app import Sidecar
 from sidecar.config import Config
 from sidecar.demo import make_model_app, serve_app
-from sidecar.proxy.server import RelayResponse
+from tests.bare_response import BareResponse
 
 BIG = 20 * 1024 * 1024
 
@@ -72,7 +72,7 @@ async def _canned_handler(upstream: CannedUpstream, request: web.BaseRequest) ->
         return web.json_response({"predictions": [[0.1, 0.9]]}, headers={"Set-Cookie": "a=1"})
     if path == "/no-content-type":
         # Like TorchServe. aiohttp's own responses always add a Content-Type; this one does not.
-        bare = RelayResponse(headers={"Content-Length": "20"})
+        bare = BareResponse(headers={"Content-Length": "20"})
         await bare.prepare(request)
         await bare.write(b'{\n  "setosa": 0.98\n}')
         await bare.write_eof()

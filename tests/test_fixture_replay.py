@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.app import Sidecar
 from sidecar.config import load
-from sidecar.proxy.server import RelayResponse
+from tests.bare_response import BareResponse
 from tests.fixtures_util import FIXTURES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "config"
@@ -56,7 +56,7 @@ async def replay() -> AsyncIterator[tuple[str, dict[ReplayKey, dict[str, Any]]]]
         key = replay_key(request.method, request.raw_path, content_type, body)
         answer = recorded[key]["response"]
         headers = [(k, v) for k, v in answer["headers"] if k.lower() not in SKIPPED_HEADERS]
-        response = RelayResponse(status=answer["status"], headers=headers)
+        response = BareResponse(status=answer["status"], headers=headers)
         await response.prepare(request)
         await response.write_eof(answer["body"].encode())
         return response

@@ -22,6 +22,7 @@ from sidecar.extract.compile import build_batch_reader, build_extractor
 from sidecar.extract.presets import PRESETS
 from sidecar.pipeline import Pipeline
 from sidecar.profile import load as load_profile
+from sidecar.proxy.http1 import Http1Server
 from sidecar.proxy.pool import UpstreamPool
 from sidecar.proxy.server import ProxyHandler
 from sidecar.readiness import UpstreamProbe
@@ -65,7 +66,7 @@ class Sidecar:
     def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
         self.config = config
         self.registry = registry if registry is not None else _default_registry()
-        self._proxy_runner: web.ServerRunner | None = None
+        self._proxy_server: Http1Server | None = None
         self._admin_runner: web.AppRunner | None = None
         self._probe: UpstreamProbe | None = None
         self._pool: UpstreamPool | None = None
@@ -100,12 +101,8 @@ class Sidecar:
         await self._probe.start()
         await pipeline.feedback.open()
 
-        # handler_cancellation: a client that hangs up cancels its request, upstream included.
-        server = web.Server(handler, access_log=None, handler_cancellation=True)
-        self._proxy_runner = web.ServerRunner(server, shutdown_timeout=config.drain_timeout)
-        await self._proxy_runner.setup()
-        proxy_site = web.TCPSite(self._proxy_runner, config.host, config.port)
-        await proxy_site.start()
+        self._proxy_server = Http1Server(handler, whole_body_limit=handler.whole_body_limit)
+        await self._proxy_server.start(config.host, config.port)
 
         probe = self._probe
         admin = make_admin_app(self.registry, lambda: probe.status, feedback=pipeline.feedback)
@@ -114,8 +111,8 @@ class Sidecar:
         admin_site = web.TCPSite(self._admin_runner, config.admin_host, config.metrics_port)
         await admin_site.start()
 
-        self.proxy_url = _url(self._proxy_runner)
-        self.admin_url = _url(self._admin_runner)
+        self.proxy_url = _url(self._proxy_server.address)
+        self.admin_url = _url(self._admin_runner.addresses[0])
         log.info(
             "serving",
             extra={"proxy": self.proxy_url, "admin": self.admin_url, "upstream": config.upstream},
@@ -128,8 +125,8 @@ class Sidecar:
         if self.config.shutdown_delay > 0:
             # Give the load balancer time to see /readyz fail before the port closes.
             await asyncio.sleep(self.config.shutdown_delay)
-        if self._proxy_runner is not None:
-            await self._proxy_runner.cleanup()
+        if self._proxy_server is not None:
+            await self._proxy_server.stop(self.config.drain_timeout)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         if self._probe is not None:
@@ -230,8 +227,8 @@ def _default_registry() -> CollectorRegistry:
     return registry
 
 
-def _url(runner: web.BaseRunner) -> str:
-    host, port = runner.addresses[0][:2]
+def _url(address: tuple[str, int]) -> str:
+    host, port = address[:2]
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{port}"

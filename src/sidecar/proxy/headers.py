@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+from multidict import CIMultiDict
 
 # RFC 9110 section 7.6.1: meaningful for one connection only, so never forwarded. Proxy-* are
 # credentials and options meant for a proxy, which is us. Everything else passes unchanged.
@@ -47,30 +49,89 @@ def _new_id_prefix() -> None:
 os.register_at_fork(after_in_child=_new_id_prefix)
 
 
-def end_to_end(raw: Iterable[tuple[bytes, bytes]]) -> RawHeaders:
-    """Every header but the hop-by-hop ones (and those Connection names), in order."""
-    pairs = list(raw)
-    dropped = HOP_BY_HOP
-    for name, value in pairs:
-        if name.lower() == b"connection":
-            # Header names listed in Connection are hop-by-hop for this message too.
-            dropped = dropped | {token.strip().lower() for token in value.split(b",")}
-    return [(name, value) for name, value in pairs if name.lower() not in dropped]
+# Lower-case names the proxy acts on. Every other header is passed on without a second look.
+NOTED = HOP_BY_HOP | {b"content-length", b"expect", b"host", _REQUEST_ID}
+_NOT_NAMES = HOP_BY_HOP | {b"close", b""}  # Connection tokens that drop nothing more
 
 
-def find(headers: RawHeaders, name: bytes) -> bytes | None:
-    """The first value of a header (name given in lower case), or None."""
-    for key, value in headers:
-        if key.lower() == name:
-            return value
-    return None
+def scan(raw: Iterable[tuple[bytes, bytes]]) -> tuple[RawHeaders, dict[bytes, bytes]]:
+    """One pass over a message's headers: those to forward (all but the hop-by-hop ones and
+    those Connection names, in order), and the value of each NOTED one by lower-case name (the
+    first; Connection's values are joined, as each names headers to drop)."""
+    forward: RawHeaders = []
+    noted: dict[bytes, bytes] = {}
+    for header in raw:
+        lowered = header[0].lower()
+        if lowered in NOTED:
+            if lowered not in noted:
+                noted[lowered] = header[1]
+            elif lowered == b"connection":
+                noted[lowered] += b"," + header[1]
+            if lowered in HOP_BY_HOP:
+                continue
+        forward.append(header)
+    connection = noted.get(b"connection")
+    if connection is not None and connection.lower() not in _NOT_NAMES:  # not just keep-alive
+        # Header names listed in Connection are hop-by-hop for this message too.
+        named = {token.strip().lower() for token in connection.split(b",")} - _NOT_NAMES
+        if named:
+            forward = [header for header in forward if header[0].lower() not in named]
+    return forward, noted
 
 
-def ensure_request_id(headers: RawHeaders) -> str:
-    """Keep the client's X-Request-ID, or add a fresh one; return it."""
-    found = find(headers, _REQUEST_ID)
-    if found:
-        return found.decode("latin-1")
-    request_id = f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
-    headers.append((REQUEST_ID.encode(), request_id.encode()))
-    return request_id
+_JOIN_FIELD = b": ".join
+
+
+def serialize(headers: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """`Name: value` lines, each ending in CRLF (b"" for none)."""
+    return b"\r\n".join(map(_JOIN_FIELD, headers)) + b"\r\n" if headers else b""
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
+def parse_length(value: bytes | None) -> int | None:
+    """A Content-Length value as a number, or None when absent or not a number."""
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+class HeaderView(Mapping[str, str]):
+    """Raw headers as a case-insensitive `str` mapping, decoded (latin-1) on first use.
+
+    The exchange record offers headers by name, but only payload extraction reads them: decoding
+    every header of every request up front would cost each request for the few that are parsed.
+    """
+
+    __slots__ = ("_decoded", "_raw")
+
+    def __init__(self, raw: RawHeaders) -> None:
+        self._raw = raw
+        self._decoded: CIMultiDict[str] | None = None
+
+    def _headers(self) -> CIMultiDict[str]:
+        if self._decoded is None:
+            self._decoded = CIMultiDict(
+                (name.decode("latin-1"), value.decode("latin-1")) for name, value in self._raw
+            )
+        return self._decoded
+
+    def __getitem__(self, name: str) -> str:
+        return self._headers()[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._headers()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._headers())
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __repr__(self) -> str:
+        return f"HeaderView({self._raw!r})"

@@ -10,13 +10,14 @@ needs: status, reason, raw headers and body chunks as they arrive.
 from __future__ import annotations
 
 import asyncio
-import collections
+import math
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from typing import cast
 
 import httptools
 
+from sidecar.proxy.headers import parse_length, scan, serialize
 from sidecar.proxy.upstream import (
     UpstreamError,
     UpstreamReset,
@@ -45,33 +46,42 @@ class UpstreamResponse:
         "_pending_size",
         "_waiter",
         "content_length",
+        "headers",
+        "noted",
         "raw_headers",
         "reason",
         "status",
     )
 
-    def __init__(self, connection: _Connection) -> None:
+    def __init__(
+        self, connection: _Connection, status: int, reason: bytes, raw_headers: RawHeaders
+    ) -> None:
         self._connection = connection
-        self._pending: collections.deque[bytes] = collections.deque()
+        self._pending: list[bytes] = []
         self._pending_size = 0
         self._waiter: asyncio.Future[None] | None = None
         self._done = False
         self._error: UpstreamError | None = None
-        self.status = 0
-        self.reason = ""
-        self.raw_headers: list[tuple[bytes, bytes]] = []
-        self.content_length: int | None = None
+        self.status = status
+        self.reason = reason  # as sent
+        self.raw_headers = raw_headers
+        self.headers, self.noted = scan(raw_headers)  # the end-to-end ones; see headers.scan
+        self.content_length = parse_length(self.noted.get(b"content-length"))
 
     async def read(self) -> bytes:
         """Whatever body bytes have arrived (waiting for some), or b"" once the body is over."""
-        while not self._pending:
+        while (chunk := self.read_nowait()) is None:
+            await self._wait()
+        return chunk
+
+    def read_nowait(self) -> bytes | None:
+        """Like read(), but None instead of waiting: a reply that came whole costs no await."""
+        if not self._pending:
             if self._error is not None:
                 raise self._error
-            if self._done:
-                return b""
-            await self._wait()
+            return b"" if self._done else None
         chunk = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
-        self._pending.clear()
+        self._pending = []
         self._pending_size = 0
         self._connection.resume()
         return chunk
@@ -85,16 +95,19 @@ class UpstreamResponse:
         self._connection.finish(reusable=self._done and self._error is None)
 
     async def _wait(self) -> None:
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        connection = self._connection
+        self._waiter = connection.loop.create_future()
+        connection.deadline = connection.loop.time() + connection.read_timeout
         try:
-            async with asyncio.timeout(self._connection.read_timeout):
-                await waiter
-        except TimeoutError:
-            msg = f"no bytes from the upstream for {self._connection.read_timeout} s"
-            self._error = UpstreamTimeout(msg)
-            raise self._error from None
+            await self._waiter
         finally:
+            connection.deadline = math.inf
             self._waiter = None
+
+    def time_out(self) -> None:
+        if self._waiter is not None:
+            msg = f"no bytes from the upstream for {self._connection.read_timeout} s"
+            self.fail(UpstreamTimeout(msg))
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -122,12 +135,15 @@ class UpstreamResponse:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; llhttp calls the on_* methods as it parses."""
 
-    def __init__(self, pool: UpstreamPool) -> None:
+    def __init__(self, pool: UpstreamPool, loop: asyncio.AbstractEventLoop) -> None:
         self._pool = pool
+        self.loop = loop
         self.read_timeout = pool.read_timeout
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._response: UpstreamResponse | None = None
+        self._reason = b""  # of the response being parsed
+        self._raw_headers: list[tuple[bytes, bytes]] = []  # of the response being parsed
         self._head: asyncio.Future[UpstreamResponse] | None = None
         self._informational = False
         self._keep_alive = False
@@ -136,6 +152,7 @@ class _Connection(asyncio.Protocol):
         self.received_any = False
         self.closed = False
         self.skip_body = False
+        self.deadline = math.inf  # while waiting for the upstream: give up after this loop time
 
     # asyncio.Protocol
 
@@ -168,29 +185,25 @@ class _Connection(asyncio.Protocol):
 
     # llhttp callbacks
 
-    def on_message_begin(self) -> None:
-        self._response = UpstreamResponse(self)
-
     def on_status(self, reason: bytes) -> None:
-        if self._response is not None:
-            self._response.reason += reason.decode("latin-1")
+        self._reason += reason  # llhttp may hand it over in pieces
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._response is not None:
-            self._response.raw_headers.append((name, value))
+        self._raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        response = self._response
         status = self._parser.get_status_code()
+        reason, raw_headers = self._reason, self._raw_headers
+        self._reason, self._raw_headers = b"", []
         # 1xx answers (100 Continue, 103 Early Hints) precede the real one: skip them.
         self._informational = 100 <= status < 200
-        if response is None or self._informational:
+        if self._informational:
             return
-        response.status = status
-        response.content_length = _content_length(response.raw_headers)
+        response = self._response = UpstreamResponse(self, status, reason, raw_headers)
         # Asked here: once the message is complete llhttp has reset and no longer knows.
         self._keep_alive = self._parser.should_keep_alive()
         if self._head is not None and not self._head.done():
+            self.deadline = math.inf
             self._head.set_result(response)
 
     def on_body(self, body: bytes) -> None:
@@ -203,32 +216,21 @@ class _Connection(asyncio.Protocol):
 
     # Used by the pool and the response.
 
-    async def send(self, head: bytes, body: Body, chunked: bool) -> UpstreamResponse:
+    def send(self, data: bytes) -> asyncio.Future[UpstreamResponse]:
+        """Write a whole request; the future gets the response's head."""
         assert self._transport is not None
-        loop = asyncio.get_running_loop()
-        self._head = loop.create_future()
-        if isinstance(body, bytes):
-            self._transport.write(head + body)
-        else:
-            self._transport.write(head)
-            if body is not None:
-                await self._send_stream(body, chunked)
-        if self.skip_body:
-            # llhttp cannot be told a HEAD reply has no body: take the head, then retire the
-            # connection instead of waiting for a body that never comes.
-            self._head.add_done_callback(lambda head: self._end_head_only(head))
-        try:
-            async with asyncio.timeout(self.read_timeout):
-                return await self._head
-        except TimeoutError:
-            msg = f"no response from the upstream within {self.read_timeout} s"
-            raise UpstreamTimeout(msg) from None
+        self._transport.write(data)
+        return self._expect_response()
 
-    async def _send_stream(self, body: AsyncIterator[bytes], chunked: bool) -> None:
+    async def send_stream(
+        self, head: bytes, body: AsyncIterator[bytes], chunked: bool
+    ) -> UpstreamResponse:
+        """Write a request whose body arrives as it is sent; return the response's head."""
         assert self._transport is not None
+        self._transport.write(head)
         async for chunk in body:
             if self.closed:
-                return
+                break  # the upstream is gone: _expect_response() says so
             if chunked:
                 self._transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
             else:
@@ -237,6 +239,28 @@ class _Connection(asyncio.Protocol):
                 await self._writable
         if chunked and not self.closed:
             self._transport.write(b"0\r\n\r\n")
+        return await self._expect_response()
+
+    def _expect_response(self) -> asyncio.Future[UpstreamResponse]:
+        head: asyncio.Future[UpstreamResponse] = self.loop.create_future()
+        self._head = head
+        if self.closed:  # gone while the body was being sent
+            head.set_exception(UpstreamReset("upstream closed the connection"))
+        elif self.skip_body:
+            # llhttp cannot be told a HEAD reply has no body: take the head, then retire the
+            # connection instead of waiting for a body that never comes.
+            head.add_done_callback(lambda head: self._end_head_only(head))
+        self.deadline = self.loop.time() + self.read_timeout
+        return head
+
+    def time_out(self) -> None:
+        """The upstream has been silent for read_timeout: fail whatever waits for it."""
+        self.deadline = math.inf
+        if self._head is not None and not self._head.done():
+            msg = f"no response from the upstream within {self.read_timeout} s"
+            self._head.set_exception(UpstreamTimeout(msg))
+        elif self._response is not None:
+            self._response.time_out()
 
     def _end_head_only(self, head: asyncio.Future[UpstreamResponse]) -> None:
         if not head.cancelled() and head.exception() is None:
@@ -256,10 +280,8 @@ class _Connection(asyncio.Protocol):
     def finish(self, reusable: bool) -> None:
         self._response = None
         self._head = None
-        if reusable and not self.closed and self._keep_alive:
-            self._pool.give_back(self)
-        else:
-            self.close()
+        self.deadline = math.inf
+        self._pool.give_back(self, reusable and not self.closed and self._keep_alive)
 
     def close(self) -> None:
         self.closed = True
@@ -285,50 +307,101 @@ class UpstreamPool:
         self._connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._idle: list[_Connection] = []
+        self._busy: set[_Connection] = set()
+        self._watch: asyncio.Task[None] | None = None
         self._host_header = f"{host}:{port}".encode("latin-1")
 
     async def request(
-        self, method: str, target: str, headers: RawHeaders, body: Body
+        self,
+        method: str,
+        target: str,
+        headers: RawHeaders,
+        body: Body,
+        noted: Mapping[bytes, bytes] | None = None,
     ) -> UpstreamResponse:
         """Send one request; return once the response head has arrived.
 
         `headers` go out as given (end-to-end headers, raw bytes). A body of unknown length is
         sent chunked. A pooled connection that turns out closed before answering is retried
         once on a fresh one when the body can be sent again (the upstream closed it while idle).
+        `noted`, if the caller has it, is what headers.scan found in `headers`: it saves looking
+        for Host and Content-Length again.
         """
-        head, chunked = self._head(method, target, headers, body)
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._time_out_silent())
+        head, chunked = self._head(method, target, headers, body, noted)
         connection = self._idle.pop() if self._idle else None
         while connection is not None and connection.closed:
             connection = self._idle.pop() if self._idle else None
         if connection is not None:
-            connection.skip_body = method == "HEAD"
             try:
-                return await connection.send(head, body, chunked)
+                return await self._send(connection, method, head, body, chunked)
             except UpstreamReset:
+                self._drop(connection)
                 if connection.received_any or not isinstance(body, bytes | None):
                     raise
+            except BaseException:  # a timeout, or the client gone: a late reply must not be read
+                self._drop(connection)
+                raise
         connection = await self._open()
-        connection.skip_body = method == "HEAD"
-        return await connection.send(head, body, chunked)
+        try:
+            return await self._send(connection, method, head, body, chunked)
+        except BaseException:
+            self._drop(connection)
+            raise
 
-    def give_back(self, connection: _Connection) -> None:
-        if len(self._idle) < _MAX_IDLE:
+    def _send(
+        self, connection: _Connection, method: str, head: bytes, body: Body, chunked: bool
+    ) -> Awaitable[UpstreamResponse]:
+        self._busy.add(connection)
+        connection.skip_body = method == "HEAD"
+        if isinstance(body, bytes):
+            return connection.send(head + body)
+        if body is None:
+            return connection.send(head)
+        return connection.send_stream(head, body, chunked)
+
+    def _drop(self, connection: _Connection) -> None:
+        self._busy.discard(connection)
+        connection.close()
+
+    def give_back(self, connection: _Connection, reusable: bool) -> None:
+        self._busy.discard(connection)
+        if reusable and len(self._idle) < _MAX_IDLE:
             connection.received_any = False
             self._idle.append(connection)
         else:
             connection.close()
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         for connection in self._idle:
             connection.close()
         self._idle.clear()
+
+    async def _time_out_silent(self) -> None:
+        """Fail the requests whose upstream has said nothing for read_timeout seconds.
+
+        One sweep for all connections rather than a timer per request: arming and cancelling a
+        timer (or asyncio.timeout()) for every request costs more than the rest of the pool's
+        work on it. A timeout fires up to a tenth late (at most a second).
+        """
+        loop = asyncio.get_running_loop()
+        interval = min(max(self.read_timeout / 10, 0.005), 1.0)
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for connection in [c for c in self._busy if c.deadline < now]:
+                connection.time_out()
 
     async def _open(self) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, connection = await loop.create_connection(
-                    lambda: _Connection(self), self._host, self._port, ssl=self._tls
+                    lambda: _Connection(self, loop), self._host, self._port, ssl=self._tls
                 )
         except TimeoutError:
             msg = f"connecting to {self._host}:{self._port} took over {self._connect_timeout} s"
@@ -339,15 +412,19 @@ class UpstreamPool:
         return connection
 
     def _head(
-        self, method: str, target: str, headers: RawHeaders, body: Body
+        self,
+        method: str,
+        target: str,
+        headers: RawHeaders,
+        body: Body,
+        noted: Mapping[bytes, bytes] | None,
     ) -> tuple[bytes, bool]:
-        parts = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1")]
-        has_host = has_length = False
-        for name, value in headers:
-            lowered = name.lower()
-            has_host = has_host or lowered == b"host"
-            has_length = has_length or lowered == b"content-length"
-            parts.append(b"%s: %s\r\n" % (name, value))
+        if noted is None:
+            names = {name.lower() for name, _ in headers}
+            has_host, has_length = b"host" in names, b"content-length" in names
+        else:
+            has_host, has_length = b"host" in noted, b"content-length" in noted
+        parts = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1"), serialize(headers)]
         if not has_host:
             parts.append(b"Host: %s\r\n" % self._host_header)
         chunked = body is not None and not isinstance(body, bytes) and not has_length
@@ -360,13 +437,3 @@ class UpstreamPool:
 
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-
-
-def _content_length(headers: RawHeaders) -> int | None:
-    for name, value in headers:
-        if name.lower() == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None

@@ -1,48 +1,34 @@
-"""The proxy port: forward every request to the upstream and relay its answer byte for byte."""
+"""The proxy port's relay: forward every request to the upstream and its answer back, byte for byte.
+
+HTTP/1.1 itself (parsing, framing, keep-alive, flow control) is proxy/http1.py; the upstream side
+is proxy/pool.py. This module decides what crosses: which headers, the request id, what the
+client hears when the upstream fails, and what the observer is told about each exchange.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, NamedTuple
 
-from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from sidecar.exchange import Exchange, ExchangeObserver, RouteTicket
-from sidecar.proxy.headers import REQUEST_ID, RawHeaders, end_to_end, ensure_request_id, find
+from sidecar.proxy.headers import REQUEST_ID, HeaderView, RawHeaders, new_request_id, parse_length
+from sidecar.proxy.http1 import BodyReader, HttpConnection, Request
 from sidecar.proxy.pool import UpstreamPool, UpstreamResponse
 from sidecar.proxy.upstream import UpstreamError
 from sidecar.proxy.usage import ask_for_usage, usage_filter
 
-log = logging.getLogger(__name__)
+# Bodies up to this size are read whole and sent with their Content-Length; larger ones stream
+# through, so that a big upload is neither held in memory nor written in one blocking piece.
+WHOLE_BODY_LIMIT = 1024 * 1024
 
-_STREAM_CHUNK = 64 * 1024
-# Bodies up to this size are read whole; larger ones stream through (aiohttp warns, rightly, that
-# writing a large bytes object at once would hold the event loop).
-_WHOLE_BODY_LIMIT = 1024 * 1024
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-
-class RelayResponse(web.StreamResponse):
-    """A StreamResponse that adds nothing: aiohttp would supply Date, Server and a default
-    Content-Type, which the upstream may not have sent (TorchServe sends no Content-Type)."""
-
-    def coalesce_headers(self) -> None:
-        """Send the headers with the first body bytes instead of on their own."""
-        self._send_headers_immediately = False
-
-    async def _prepare_headers(self) -> None:
-        absent = [
-            name for name in (hdrs.DATE, hdrs.SERVER, hdrs.CONTENT_TYPE) if name not in self.headers
-        ]
-        await super()._prepare_headers()
-        for name in absent:
-            self.headers.popall(name, None)
+_REQUEST_ID = REQUEST_ID.encode()
+_PHRASES = {502: b"Bad Gateway", 504: b"Gateway Timeout"}
 
 
 class _Body(NamedTuple):
@@ -57,7 +43,7 @@ _MAX_ARRIVALS = 100_000  # timing entries kept per response; the body cap bounds
 
 
 class ProxyHandler:
-    """aiohttp low-level handler: one call per request on the proxy port."""
+    """One call per request on the proxy port (an http1.Handler)."""
 
     def __init__(
         self,
@@ -69,58 +55,75 @@ class ProxyHandler:
         self._pool = pool
         self._observer = observer
         self._max_body = max_body_bytes
+        self.whole_body_limit = min(max_body_bytes, WHOLE_BODY_LIMIT)
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: Request, client: HttpConnection) -> None:
         started = time.perf_counter()
         ticket = self._observer.begin(request.method, request.path)
-        headers = end_to_end(request.raw_headers)
-        request_id = ensure_request_id(headers)
-        headers = _continue_if_expected(request, headers)
+        headers = request.end_to_end
+        found = request.noted.get(b"x-request-id")
+        if found:  # the client's id, kept
+            request_id = found.decode("latin-1")
+        else:
+            request_id = new_request_id()
+            headers = [*headers, (_REQUEST_ID, request_id.encode())]
+        if b"expect" in request.noted:
+            headers = _continue_if_expected(client, headers, request.noted[b"expect"])
         relayed = _Relayed(ticket.capture_bodies, self._max_body, started)
         body = _NO_BODY
         try:
-            body = await self._read_body(request, ticket.capture_bodies)
+            if isinstance(request.body, BodyReader):
+                body = await self._read_body(request, request.body, ticket.capture_bodies)
+            else:
+                body = self._whole_body(request.body, ticket.capture_bodies)
+            noted: Mapping[bytes, bytes] | None = request.noted
             if ticket.inject_usage and isinstance(body.data, bytes):  # docs/llm.md: bytes change
                 headers, data, relayed.strip_usage = ask_for_usage(headers, body.data)
-                body = body._replace(data=data)
+                body, noted = body._replace(data=data), None
             relayed.upstream_started = time.perf_counter()
             try:
                 upstream = await self._pool.request(
-                    request.method, request.raw_path, headers, body.data
+                    request.method, request.target.decode("latin-1"), headers, body.data, noted
                 )
             except Exception as exc:  # every failure maps to an answer and a metric
                 error = exc if isinstance(exc, UpstreamError) else UpstreamError(repr(exc))
                 relayed.fail(error.error_type)
-                return await _answer_error(request, error, request_id, relayed)
+                _answer_error(client, error, request_id, relayed)
+                return
             try:
-                return await self._relay(request, upstream, request_id, relayed)
+                await _relay(client, upstream, request_id, relayed)
             finally:
                 upstream.release()
         except asyncio.CancelledError:
-            # The client went away and aiohttp cancelled us: the upstream request goes with it
-            # (release() closes a connection whose reply was not complete).
+            # The client went away and its connection cancelled us: the upstream request goes
+            # with it (release() closes a connection whose reply was not complete).
             relayed.fail("client_disconnect")
             raise
         finally:
             self._finish(ticket, request, request_id, body, relayed)
 
-    async def _read_body(self, request: web.BaseRequest, capture: bool) -> _Body:
-        if not request.body_exists:
+    def _whole_body(self, data: bytes | None, capture: bool) -> _Body:
+        """The common case, small JSON: read whole before the handler started."""
+        if not data:
             return _NO_BODY
-        length = request.content_length
-        if length is not None and length <= min(self._max_body, _WHOLE_BODY_LIMIT):
-            # The common case, small JSON: read it whole and send it with its Content-Length.
-            data = await request.content.read()
-            return _Body(data, [data] if capture else None, [len(data)])
+        keep = capture and len(data) <= self._max_body
+        return _Body(data, [data] if keep else None, [len(data)])
+
+    async def _read_body(self, request: Request, reader: BodyReader, capture: bool) -> _Body:
+        """A body still arriving: streamed to the upstream, unless it is small (the client
+        waited for 100 Continue before sending it)."""
+        length = parse_length(request.noted.get(b"content-length"))
+        if length is not None and length <= self.whole_body_limit:
+            return self._whole_body(await reader.read_all(), capture)
         too_big = length is not None and length > self._max_body
         captured: list[bytes] | None = [] if capture and not too_big else None
         size = [0]
-        return _Body(self._stream(request, captured, size), captured, size)
+        return _Body(self._stream(reader, captured, size), captured, size)
 
     async def _stream(
-        self, request: web.BaseRequest, captured: list[bytes] | None, size: list[int]
+        self, reader: BodyReader, captured: list[bytes] | None, size: list[int]
     ) -> AsyncIterator[bytes]:
-        async for chunk in request.content.iter_chunked(_STREAM_CHUNK):
+        async for chunk in reader:
             size[0] += len(chunk)
             if captured is not None:
                 if size[0] <= self._max_body:
@@ -130,64 +133,10 @@ class ProxyHandler:
                     captured = None
             yield chunk
 
-    async def _relay(
-        self,
-        request: web.BaseRequest,
-        upstream: UpstreamResponse,
-        request_id: str,
-        relayed: _Relayed,
-    ) -> RelayResponse:
-        headers = CIMultiDict(
-            (name.decode("latin-1"), value.decode("latin-1"))
-            for name, value in end_to_end(upstream.raw_headers)
-        )
-        if REQUEST_ID not in headers:
-            headers[REQUEST_ID] = request_id
-        response = RelayResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-        relayed.answered(upstream.status, headers)
-        if upstream.content_length is not None:
-            # Not a stream: hold the headers until the first body bytes, so that a small reply
-            # leaves in one write. A stream (no length) gets its headers at once.
-            response.coalesce_headers()
-        try:
-            await response.prepare(request)
-        except ConnectionError:
-            relayed.fail("client_disconnect")
-            return response
-        last = b""
-        strip = usage_filter(upstream.status, headers, upstream.content_length, relayed.strip_usage)
-        while True:
-            try:
-                chunk = await upstream.read()
-            except UpstreamError as exc:  # the upstream broke off mid-body
-                relayed.fail(exc.error_type)
-                # Close the client's connection as the upstream's was: a truncated body, then EOF.
-                response.force_close()
-                if request.transport is not None:
-                    request.transport.close()
-                return response
-            if not chunk:
-                break
-            relayed.add(chunk)  # the sidecar's copy keeps what the upstream sent
-            if upstream.at_eof():
-                last = chunk  # the final bytes go out with the end of the message
-                break
-            try:
-                await response.write(chunk if strip is None else strip(chunk, False))
-            except ConnectionError:
-                relayed.fail("client_disconnect")
-                return response
-        relayed.upstream_done = time.perf_counter()
-        try:
-            await response.write_eof(last if strip is None else strip(last, True))
-        except ConnectionError:
-            relayed.fail("client_disconnect")
-        return response
-
     def _finish(
         self,
         ticket: RouteTicket,
-        request: web.BaseRequest,
+        request: Request,
         request_id: str,
         body: _Body,
         relayed: _Relayed,
@@ -197,7 +146,7 @@ class ProxyHandler:
             path=request.path,
             status=relayed.status,
             request_id=request_id,
-            request_headers=request.headers,
+            request_headers=HeaderView(request.headers),
             response_headers=relayed.headers,
             request_body=b"".join(body.captured) if body.captured else None,
             response_body=relayed.body(),
@@ -211,6 +160,60 @@ class ProxyHandler:
             arrivals=relayed.arrivals,
         )
         self._observer.end(ticket, exchange)
+
+
+async def _relay(
+    client: HttpConnection, upstream: UpstreamResponse, request_id: str, relayed: _Relayed
+) -> None:
+    """The upstream's reply to the client: its status line and end-to-end headers as sent (plus
+    the request id), and its body as it arrives."""
+    headers = upstream.headers
+    if b"x-request-id" not in upstream.noted:
+        headers.append((_REQUEST_ID, request_id.encode()))
+    view = HeaderView(headers)
+    relayed.answered(upstream.status, view)
+    status, length = upstream.status, upstream.content_length
+    reason = upstream.reason
+    strip = usage_filter(status, view, length, True) if relayed.strip_usage else None
+    # A stream (no length, more to come) gets its head at once: an event stream's client sees
+    # the answer start before the first event. Otherwise the head waits for the body, so that
+    # a small reply, which has usually arrived whole, leaves in one write.
+    streaming = length is None and not upstream.at_eof()
+    try:
+        if streaming:
+            client.send_head(status, reason, headers, None)
+        while True:
+            try:
+                chunk = upstream.read_nowait()
+                if chunk is None:
+                    chunk = await upstream.read()
+            except UpstreamError as exc:  # the upstream broke off mid-body
+                relayed.fail(exc.error_type)
+                if not streaming:
+                    client.send_head(status, reason, headers, length)
+                # The client's connection ends as the upstream's did: a truncated body, then EOF.
+                client.close()
+                return
+            if chunk:
+                relayed.add(chunk)  # the sidecar's copy keeps what the upstream sent
+            done = upstream.at_eof()
+            if strip is not None:
+                chunk = strip(chunk, done)
+            if done:
+                relayed.upstream_done = time.perf_counter()
+                if streaming:
+                    client.end_body(chunk)
+                else:
+                    client.send_head(status, reason, headers, length, chunk, end=True)
+                return
+            if not streaming:
+                client.send_head(status, reason, headers, length)
+                streaming = True
+            client.send_body(chunk)
+            if client.writing_paused:
+                await client.drain()
+    except ConnectionError:
+        relayed.fail("client_disconnect")
 
 
 class _Relayed:
@@ -275,30 +278,28 @@ class _Relayed:
         return b"".join(self._chunks)
 
 
-def _continue_if_expected(request: web.BaseRequest, headers: RawHeaders) -> RawHeaders:
+def _continue_if_expected(client: HttpConnection, headers: RawHeaders, expect: bytes) -> RawHeaders:
     """Answer `Expect: 100-continue` ourselves: we read the body before the upstream sees it."""
-    expect = find(headers, b"expect")
-    if expect is None or expect.lower() != b"100-continue":
+    if expect.lower() != b"100-continue":
         return headers
-    if request.transport is not None:
-        request.transport.write(_CONTINUE)
+    client.send_continue()
     return [(name, value) for name, value in headers if name.lower() != b"expect"]
 
 
-async def _answer_error(
-    request: web.BaseRequest, error: UpstreamError, request_id: str, relayed: _Relayed
-) -> web.Response:
+def _answer_error(
+    client: HttpConnection, error: UpstreamError, request_id: str, relayed: _Relayed
+) -> None:
     """The proxy's own answer when the upstream gave none: a short JSON body with the reason."""
     payload = {"error": error.reason, "detail": str(error), "request_id": request_id}
-    response = web.Response(
-        status=error.status,
-        body=json.dumps(payload).encode(),
-        content_type="application/json",
-        headers=CIMultiDict({REQUEST_ID: request_id}),
-    )
-    relayed.answered(error.status, response.headers)
+    body = json.dumps(payload).encode()
+    headers = [
+        (b"Content-Type", b"application/json"),
+        (b"Content-Length", b"%d" % len(body)),
+        (_REQUEST_ID, request_id.encode()),
+    ]
+    relayed.answered(error.status, HeaderView(headers))
     # The client may be gone already (it gave up waiting); then there is nobody left to tell.
     with contextlib.suppress(ConnectionError):
-        await response.prepare(request)
-        await response.write_eof()
-    return response
+        client.send_head(
+            error.status, _PHRASES.get(error.status, b"Error"), headers, len(body), body, end=True
+        )

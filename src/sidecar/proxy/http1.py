@@ -1,0 +1,632 @@
+"""HTTP/1.1 on the proxy port: an asyncio.Protocol per client connection, llhttp, raw bytes out.
+
+aiohttp's server builds a request object, a URL, a header multidict, a payload stream and a
+response object for every request; on one core that caps a proxy at about a third of what the
+relay itself costs. The relay needs none of it: the request line and raw header bytes in, raw
+bytes out. So this module does only HTTP/1.1 itself (parsing, message framing, keep-alive,
+pipelining, flow control, graceful close) and hands each request to a handler coroutine, which
+answers through the connection's send_* methods.
+
+One request is answered at a time per connection, by one task that lives as long as the
+connection does (cheaper than a task per request; cancelling it on hang-up still ends the
+request in progress, upstream included). Pipelined requests wait in order, and reading pauses
+while any wait, so a client cannot queue without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Awaitable, Callable
+from typing import cast
+from urllib.parse import unquote, urlsplit
+
+import httptools
+
+from sidecar.proxy.headers import RawHeaders, parse_length, scan, serialize
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[["Request", "HttpConnection"], Awaitable[None]]
+
+# Request line and headers together, like nginx's 4 x 8 KiB large_client_header_buffers (more
+# generous): beyond it the client gets 431 and the connection closes.
+MAX_HEAD = 64 * 1024
+# A streamed request body pauses reading from the client while this much is buffered and not yet
+# taken by the handler (the upstream is slower than the client).
+_HIGH_WATER = 1024 * 1024
+
+_METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")}
+_BODILESS_STATUS = frozenset({204, 304})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CHUNKED = b"Transfer-Encoding: chunked\r\n"
+_CLOSE = b"Connection: close\r\n"
+_KEEP_ALIVE = b"Connection: keep-alive\r\n"  # an HTTP/1.0 client keeps the connection only if told
+_LAST_CHUNK = b"0\r\n\r\n"
+_GONE = "the client closed the connection"
+
+
+def _last_word(status: bytes) -> bytes:
+    """An empty answer after which the connection closes: for input we cannot go on from."""
+    return b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+_BAD_REQUEST = _last_word(b"400 Bad Request")
+_HEAD_TOO_LARGE = _last_word(b"431 Request Header Fields Too Large")
+_SERVER_ERROR = _last_word(b"500 Internal Server Error")
+
+
+class Request:
+    """One parsed request. `target` is the request target exactly as sent (path and query);
+    `path` is its path, percent-decoded, without the query. `headers` are all of them as sent,
+    `end_to_end` and `noted` what headers.scan makes of them. `body` is the whole body when it
+    was small and complete before the handler started, a BodyReader while it is still arriving,
+    or None when there is none."""
+
+    __slots__ = (
+        "body",
+        "end_to_end",
+        "headers",
+        "http11",
+        "keep_alive",
+        "method",
+        "noted",
+        "path",
+        "target",
+    )
+
+    def __init__(
+        self, method: str, target: bytes, headers: RawHeaders, http11: bool, keep_alive: bool
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.path = _path(target)
+        self.headers = headers
+        self.end_to_end, self.noted = scan(headers)
+        self.http11 = http11
+        self.keep_alive = keep_alive
+        self.body: bytes | BodyReader | None = None
+
+
+def _path(target: bytes) -> str:
+    path = target.split(b"?", 1)[0]
+    if not path.startswith(b"/"):
+        # absolute-form (a client that takes us for a forward proxy), or OPTIONS's "*"
+        return path.decode("latin-1") if path == b"*" else urlsplit(path).path.decode() or "/"
+    text = path.decode("utf-8", "replace")
+    return unquote(text) if "%" in text else text
+
+
+class BodyReader:
+    """A request body still arriving: read it piece by piece (async for) or whole (read_all).
+
+    Reading from the client pauses while too much is buffered here (the upstream is slower than
+    the client), and resumes as the handler takes it.
+    """
+
+    __slots__ = ("_chunks", "_connection", "_done", "_error", "_paused", "_size", "_waiter")
+
+    def __init__(self, connection: HttpConnection) -> None:
+        self._connection = connection
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._paused = False
+        self._done = False
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def complete(self) -> bool:
+        """The whole body has arrived (it may still be buffered here)."""
+        return self._done
+
+    async def read(self) -> bytes:
+        """The bytes that have arrived (waiting for some), or b"" at the end of the body."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunk = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self._size = 0
+        if self._paused:
+            self._paused = False
+            self._connection.body_drained()
+        return chunk
+
+    async def read_all(self) -> bytes:
+        parts = []
+        while chunk := await self.read():
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def __aiter__(self) -> BodyReader:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self.read()
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
+
+    # Fed by the connection as llhttp parses.
+
+    def feed(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+        if self._size > _HIGH_WATER and not self._paused:
+            self._paused = True
+            self._connection.body_full()
+        self._wake()
+
+    def finish(self) -> None:
+        self._done = True
+        self._wake()
+
+    def fail(self, error: Exception) -> None:
+        if not self._done:
+            self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection: llhttp calls the on_* methods as it parses, the handler answers
+    through send_head / send_body / end_body."""
+
+    __slots__ = (
+        "_body_full",
+        "_broken",
+        "_chunked",
+        "_chunks",
+        "_collecting",
+        "_current",
+        "_done",
+        "_head_sent",
+        "_head_size",
+        "_headers",
+        "_keep",
+        "_loop",
+        "_lost",
+        "_next",
+        "_parser",
+        "_parsing",
+        "_queue",
+        "_reader",
+        "_reading_paused",
+        "_server",
+        "_transport",
+        "_url",
+        "_worker",
+        "_write_waiter",
+        "_writing_paused",
+        "draining",
+        "idle_since",
+    )
+
+    def __init__(self, server: Http1Server, loop: asyncio.AbstractEventLoop) -> None:
+        self._server = server
+        self._loop = loop
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._lost = False
+        self.draining = False  # the server is stopping: close after the current response
+        self.idle_since = self._loop.time()
+        # The message being parsed: its request line and headers, then its body.
+        self._url = b""
+        self._headers: RawHeaders = []
+        self._head_size = 0  # bytes received towards the next request's head
+        self._parsing: Request | None = None  # headers complete, body still arriving
+        self._chunks: list[bytes] = []  # that body, while it is small enough to wait for
+        self._collecting = False  # decided: wait for the whole (small) body before dispatching
+        self._reader: BodyReader | None = None  # that body, when the handler already has it
+        # The request being answered, those pipelined behind it, and who answers them.
+        self._current: Request | None = None
+        self._queue: collections.deque[Request] = collections.deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._next: asyncio.Future[Request] | None = None  # the worker waits for a request
+        self._broken: bytes | None = None  # unparseable input: this answer once the queue is done
+        # The response being written.
+        self._head_sent = False
+        self._done = False
+        self._chunked = False
+        self._keep = False
+        # Flow control, both ways.
+        self._reading_paused = False
+        self._body_full = False
+        self._writing_paused = False
+        self._write_waiter: asyncio.Future[None] | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self._transport = cast(asyncio.Transport, transport)
+        self._server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._broken is not None:
+            return
+        if self._parsing is None:
+            self._head_size += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # An Upgrade (WebSocket) or CONNECT was relayed as a plain request, without its
+            # Upgrade header; whatever follows it is not HTTP, so the connection ends there.
+            self._reject(b"")
+            return
+        except httptools.HttpParserError:
+            self._reject(_BAD_REQUEST)
+            return
+        if self._parsing is None:
+            if self._head_size > MAX_HEAD:
+                self._reject(_HEAD_TOO_LARGE)
+        elif self._reader is None and not self._collecting:
+            self._body_pending(self._parsing)
+
+    def eof_received(self) -> bool | None:
+        return None  # a client that stops sending has left: close, cancelling its request
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._queue.clear()
+        if self._reader is not None:
+            self._reader.fail(ConnectionResetError(_GONE))
+        if self._write_waiter is not None and not self._write_waiter.done():
+            self._write_waiter.set_result(None)
+        if self._worker is None or self._worker.done():
+            self._server.forget(self)
+            return
+        # Cancelling the worker ends the request in progress, upstream included. A callback, not
+        # the task's own finally: a task cancelled before its first step never runs its body.
+        self._worker.cancel()
+        self._worker.add_done_callback(lambda _: self._server.forget(self))
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._write_waiter is not None and not self._write_waiter.done():
+            self._write_waiter.set_result(None)
+
+    # llhttp callbacks (no on_message_begin: what it would reset, on_headers_complete does)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url  # llhttp may hand over a long target in pieces
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        method = parser.get_method()
+        self._parsing = Request(
+            _METHODS.get(method) or method.decode("latin-1"),
+            self._url,
+            self._headers,
+            parser.get_http_version() == "1.1",
+            # Asked here: once the message is complete llhttp has reset and no longer knows.
+            parser.should_keep_alive(),
+        )
+        self._url = b""
+        self._headers = []
+        self._head_size = 0
+
+    def on_body(self, body: bytes) -> None:
+        if self._reader is not None:
+            self._reader.feed(body)
+        else:
+            self._chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        request = self._parsing
+        if request is None:
+            return
+        self._parsing = None
+        if self._reader is not None:
+            self._reader.finish()
+            self._reader = None
+            return
+        self._collecting = False
+        if self._chunks:
+            chunks, self._chunks = self._chunks, []
+            request.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._dispatch(request)
+
+    # The requests, in order.
+
+    def _body_pending(self, request: Request) -> None:
+        """A body is still arriving after this read: wait for it whole if it is small and the
+        client is not waiting for a 100 Continue, else start the handler now and stream it."""
+        length = parse_length(request.noted.get(b"content-length"))
+        expect = b"expect" in request.noted
+        if length is not None and length <= self._server.whole_body_limit and not expect:
+            self._collecting = True
+            return
+        reader = self._reader = request.body = BodyReader(self)
+        for chunk in self._chunks:
+            reader.feed(chunk)
+        self._chunks = []
+        self._dispatch(request)
+
+    def _dispatch(self, request: Request) -> None:
+        if self._worker is None:
+            self._worker = self._loop.create_task(self._work(request))
+        elif self._next is not None and not self._next.done():
+            self._next.set_result(request)
+        else:
+            self._queue.append(request)
+            self._update_reading()
+
+    async def _work(self, request: Request) -> None:
+        """Answer the connection's requests in order, for as long as it stays open."""
+        while True:
+            self._current = request
+            self._head_sent = self._done = self._chunked = False
+            self._keep = request.keep_alive and not self.draining
+            try:
+                await self._server.handler(request, self)
+            except Exception:  # a bug in the handler: the client must not wait for ever
+                log.exception("request handler failed", extra={"method": request.method})
+                if not self._head_sent and not self._lost:
+                    self._write(_SERVER_ERROR)
+                self._keep = False
+            self._current = None
+            self.idle_since = self._loop.time()
+            if isinstance(request.body, BodyReader) and not request.body.complete:
+                self._keep = False  # answered before the body was read: the rest is in the way
+            if not (self._done and self._keep):
+                self._close()
+                return
+            if self._queue:
+                request = self._queue.popleft()
+                self._update_reading()
+                continue
+            if self._broken is not None:
+                self._write(self._broken)
+                self._close()
+                return
+            self._next = self._loop.create_future()
+            try:
+                request = await self._next
+            finally:
+                self._next = None
+
+    def _reject(self, answer: bytes) -> None:
+        """Unparseable input: answer it (after the requests before it), then close."""
+        self._broken = answer
+        self._update_reading()
+        if self._current is None and self._transport is not None:
+            self._transport.write(answer)
+            self._close()
+
+    # Flow control
+
+    def body_full(self) -> None:
+        self._body_full = True
+        self._update_reading()
+
+    def body_drained(self) -> None:
+        self._body_full = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        pause = self._body_full or bool(self._queue) or self._broken is not None
+        if pause != self._reading_paused and self._transport is not None and not self._lost:
+            self._reading_paused = pause
+            if pause:
+                self._transport.pause_reading()
+            else:
+                self._transport.resume_reading()
+
+    # Answering the current request
+
+    def send_continue(self) -> None:
+        """`100 Continue`, if the client is holding its body back for it."""
+        if self._reader is not None and not self._reader.complete and not self._head_sent:
+            self._write(_CONTINUE)
+
+    def send_head(
+        self,
+        status: int,
+        reason: bytes,
+        headers: RawHeaders,
+        length: int | None,
+        body: bytes = b"",
+        end: bool = False,
+    ) -> None:
+        """The status line and headers, written as given; `length` is the Content-Length they
+        carry, or None for a body of unknown length, which goes out chunked (close-delimited to
+        an HTTP/1.0 client). With `end`, `body` is the whole body, in the same write."""
+        request = self._current
+        assert request is not None
+        self._head_sent = True
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason), serialize(headers)]
+        if request.method == "HEAD" or status in _BODILESS_STATUS or status < 200:
+            body = b""
+            end = True
+        elif length is None:
+            if request.http11:
+                self._chunked = True
+                parts.append(_CHUNKED)
+            else:
+                self._keep = False  # the end of the body is the end of the connection
+        if not self._keep:
+            parts.append(_CLOSE)
+        elif not request.http11:
+            parts.append(_KEEP_ALIVE)
+        parts.append(b"\r\n")
+        if body:
+            parts.append(b"%x\r\n%s\r\n" % (len(body), body) if self._chunked else body)
+        if end:
+            self._done = True
+            if self._chunked:
+                parts.append(_LAST_CHUNK)
+        self._write(b"".join(parts))
+
+    def send_body(self, chunk: bytes) -> None:
+        """More body bytes, after send_head; then check `writing_paused`."""
+        if not chunk or self._done:
+            return  # an empty chunk would end a chunked body; a HEAD reply has none
+        if self._chunked:
+            self._write_all((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+        else:
+            self._write(chunk)
+
+    def end_body(self, last: bytes = b"") -> None:
+        """The last body bytes: the response is complete."""
+        if self._done:
+            return  # a HEAD, 204 or 304 reply was complete with its head
+        self._done = True
+        if self._chunked:
+            if last:
+                self._write_all((b"%x\r\n" % len(last), last, b"\r\n" + _LAST_CHUNK))
+            else:
+                self._write(_LAST_CHUNK)
+        elif last:
+            self._write(last)
+
+    @property
+    def writing_paused(self) -> bool:
+        """The client reads slower than we write: await drain() before writing more."""
+        return self._writing_paused
+
+    async def drain(self) -> None:
+        if self._writing_paused and not self._lost:
+            self._write_waiter = self._loop.create_future()
+            try:
+                await self._write_waiter
+            finally:
+                self._write_waiter = None
+        if self._lost:
+            raise ConnectionResetError(_GONE)
+
+    def close(self) -> None:
+        """End the connection once what was written has gone: for a reply cut short."""
+        self._keep = False
+        self._close()
+
+    def _write(self, data: bytes) -> None:
+        if self._lost or self._transport is None or self._transport.is_closing():
+            raise ConnectionResetError(_GONE)
+        self._transport.write(data)
+
+    def _write_all(self, parts: tuple[bytes, ...]) -> None:
+        if self._lost or self._transport is None or self._transport.is_closing():
+            raise ConnectionResetError(_GONE)
+        self._transport.writelines(parts)  # no copy of a large chunk just to frame it
+
+    def _close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    # Used by the server
+
+    @property
+    def idle(self) -> bool:
+        return self._current is None
+
+    def shutdown(self) -> None:
+        """Stop after the response in progress (now, if there is none)."""
+        self.draining = True
+        if self._current is None:
+            self._close()
+        elif not self._head_sent:
+            self._keep = False  # its response says Connection: close
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class Http1Server:
+    """Listens on one address and serves each connection with an HttpConnection."""
+
+    def __init__(
+        self, handler: Handler, *, whole_body_limit: int, keepalive_timeout: float = 75.0
+    ) -> None:
+        self.handler = handler
+        # Bodies with a Content-Length up to this are read whole before the handler starts.
+        self.whole_body_limit = whole_body_limit
+        self.keepalive_timeout = keepalive_timeout  # idle connections close after this (seconds)
+        self.connections: set[HttpConnection] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._all_gone: asyncio.Future[None] | None = None
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        """Bind and serve. `reuse_port` (SO_REUSEPORT) lets several processes share the port."""
+        loop = self._loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: HttpConnection(self, loop),
+            host,
+            port,
+            reuse_port=reuse_port or None,
+            backlog=1024,
+        )
+        self._sweeper = loop.create_task(self._sweep(), name="http1-keepalive")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port) of the first listening socket."""
+        assert self._server is not None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Stop accepting, close idle connections, let requests in flight finish for up to
+        `drain_timeout` seconds, then cut the rest (their handlers are cancelled)."""
+        if self._server is None:
+            return
+        self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for connection in list(self.connections):
+            connection.shutdown()
+        if not await self._all_closed(drain_timeout):
+            for connection in list(self.connections):
+                connection.abort()
+            await self._all_closed(5.0)
+        await self._server.wait_closed()
+        self._server = None
+
+    def forget(self, connection: HttpConnection) -> None:
+        """A connection is closed and its handler done."""
+        self.connections.discard(connection)
+        if not self.connections and self._all_gone is not None and not self._all_gone.done():
+            self._all_gone.set_result(None)
+
+    async def _all_closed(self, seconds: float) -> bool:
+        if not self.connections:
+            return True
+        self._all_gone = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(self._all_gone, seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _sweep(self) -> None:
+        """Close keep-alive connections idle for longer than keepalive_timeout. A sweep instead
+        of a timer per request: a request costs a clock read, not a timer to set and cancel."""
+        interval = max(self.keepalive_timeout / 4, 0.01)
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            deadline = loop.time() - self.keepalive_timeout
+            for connection in list(self.connections):
+                if connection.idle and connection.idle_since < deadline:
+                    connection.shutdown()
