@@ -90,6 +90,11 @@ class UpstreamResponse:
         """The whole body has arrived and been read."""
         return self._done and not self._pending
 
+    @property
+    def arrived(self) -> bool:
+        """The whole body has arrived (it may not have been read yet)."""
+        return self._done and self._error is None
+
     def release(self) -> None:
         """Hand the connection back: to the pool if the reply was complete, else closed."""
         self._connection.finish(reusable=self._done and self._error is None)
@@ -314,18 +319,19 @@ class UpstreamPool:
     async def request(
         self,
         method: str,
-        target: str,
+        target: bytes,
         headers: RawHeaders,
         body: Body,
         noted: Mapping[bytes, bytes] | None = None,
     ) -> UpstreamResponse:
         """Send one request; return once the response head has arrived.
 
-        `headers` go out as given (end-to-end headers, raw bytes). A body of unknown length is
-        sent chunked. A pooled connection that turns out closed before answering is retried
-        once on a fresh one when the body can be sent again (the upstream closed it while idle).
-        `noted`, if the caller has it, is what headers.scan found in `headers`: it saves looking
-        for Host and Content-Length again.
+        `target` is the request target as it goes on the wire (path and query). `headers` go
+        out as given (end-to-end headers, raw bytes). A body of unknown length is sent chunked.
+        A pooled connection that turns out closed before answering is retried once on a fresh
+        one when the body can be sent again (the upstream closed it while idle). `noted`, if
+        the caller has it, is what headers.scan found in `headers`: it saves looking for Host
+        and Content-Length again.
         """
         if self._watch is None:
             self._watch = asyncio.get_running_loop().create_task(self._time_out_silent())
@@ -414,7 +420,7 @@ class UpstreamPool:
     def _head(
         self,
         method: str,
-        target: str,
+        target: bytes,
         headers: RawHeaders,
         body: Body,
         noted: Mapping[bytes, bytes] | None,
@@ -424,7 +430,7 @@ class UpstreamPool:
             has_host, has_length = b"host" in names, b"content-length" in names
         else:
             has_host, has_length = b"host" in noted, b"content-length" in noted
-        parts = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1"), serialize(headers)]
+        parts = [b"%s %s HTTP/1.1\r\n" % (method.encode("latin-1"), target), serialize(headers)]
         if not has_host:
             parts.append(b"Host: %s\r\n" % self._host_header)
         chunked = body is not None and not isinstance(body, bytes) and not has_length

@@ -12,16 +12,16 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 from multidict import CIMultiDict
 
-from sidecar.exchange import Exchange, ExchangeObserver, RouteTicket
+from sidecar.exchange import Exchange, ExchangeObserver
 from sidecar.proxy.headers import REQUEST_ID, HeaderView, RawHeaders, new_request_id, parse_length
 from sidecar.proxy.http1 import BodyReader, HttpConnection, Request
 from sidecar.proxy.pool import UpstreamPool, UpstreamResponse
 from sidecar.proxy.upstream import UpstreamError
-from sidecar.proxy.usage import ask_for_usage, usage_filter
+from sidecar.proxy.usage import UsageFilter, ask_for_usage, usage_filter
 
 # Bodies up to this size are read whole and sent with their Content-Length; larger ones stream
 # through, so that a big upload is neither held in memory nor written in one blocking piece.
@@ -31,15 +31,10 @@ _REQUEST_ID = REQUEST_ID.encode()
 _PHRASES = {502: b"Bad Gateway", 504: b"Gateway Timeout"}
 
 
-class _Body(NamedTuple):
-    data: bytes | AsyncIterator[bytes] | None
-    captured: list[bytes] | None  # filled while streaming, when the route wants the body
-    size: list[int]  # one cell, updated while streaming
-
-
-_NO_BODY = _Body(None, None, [0])
 _NO_HEADERS: Mapping[str, str] = CIMultiDict()
 _MAX_ARRIVALS = 100_000  # timing entries kept per response; the body cap bounds the rest
+
+Body = bytes | AsyncIterator[bytes] | None
 
 
 class ProxyHandler:
@@ -58,8 +53,8 @@ class ProxyHandler:
         self.whole_body_limit = min(max_body_bytes, WHOLE_BODY_LIMIT)
 
     async def __call__(self, request: Request, client: HttpConnection) -> None:
-        started = time.perf_counter()
         ticket = self._observer.begin(request.method, request.path)
+        record = _Record(ticket.capture_bodies, self._max_body)
         headers = request.end_to_end
         found = request.noted.get(b"x-request-id")
         if found:  # the client's id, kept
@@ -69,163 +64,138 @@ class ProxyHandler:
             headers = [*headers, (_REQUEST_ID, request_id.encode())]
         if b"expect" in request.noted:
             headers = _continue_if_expected(client, headers, request.noted[b"expect"])
-        relayed = _Relayed(ticket.capture_bodies, self._max_body, started)
-        body = _NO_BODY
         try:
             if isinstance(request.body, BodyReader):
-                body = await self._read_body(request, request.body, ticket.capture_bodies)
+                body = await self._read_body(request, request.body, record)
             else:
-                body = self._whole_body(request.body, ticket.capture_bodies)
+                body = record.whole_request(request.body)
             noted: Mapping[bytes, bytes] | None = request.noted
-            if ticket.inject_usage and isinstance(body.data, bytes):  # docs/llm.md: bytes change
-                headers, data, relayed.strip_usage = ask_for_usage(headers, body.data)
-                body, noted = body._replace(data=data), None
-            relayed.upstream_started = time.perf_counter()
+            if ticket.inject_usage and isinstance(body, bytes):  # docs/llm.md: bytes change
+                headers, body, record.strip_usage = ask_for_usage(headers, body)
+                noted = None
+            record.upstream_started = time.perf_counter()
             try:
                 upstream = await self._pool.request(
-                    request.method, request.target.decode("latin-1"), headers, body.data, noted
+                    request.method, request.target, headers, body, noted
                 )
             except Exception as exc:  # every failure maps to an answer and a metric
                 error = exc if isinstance(exc, UpstreamError) else UpstreamError(repr(exc))
-                relayed.fail(error.error_type)
-                _answer_error(client, error, request_id, relayed)
+                record.fail(error.error_type)
+                _answer_error(client, error, request_id, record)
                 return
             try:
-                await _relay(client, upstream, request_id, relayed)
+                strip = _reply(upstream, request_id, record)
+                if upstream.arrived and strip is None:
+                    # The common case: a small reply, here whole by now. One write, no await.
+                    body = upstream.read_nowait() or b""
+                    record.add(body)
+                    record.upstream_done = time.perf_counter()
+                    client.send_head(
+                        upstream.status, upstream.reason, upstream.headers,
+                        upstream.content_length, body, end=True,
+                    )  # fmt: skip
+                else:
+                    await _relay(client, upstream, record, strip)
+            except ConnectionError:
+                record.fail("client_disconnect")
             finally:
                 upstream.release()
         except asyncio.CancelledError:
             # The client went away and its connection cancelled us: the upstream request goes
             # with it (release() closes a connection whose reply was not complete).
-            relayed.fail("client_disconnect")
+            record.fail("client_disconnect")
             raise
         finally:
-            self._finish(ticket, request, request_id, body, relayed)
+            self._observer.end(ticket, record.exchange(request, request_id))
 
-    def _whole_body(self, data: bytes | None, capture: bool) -> _Body:
-        """The common case, small JSON: read whole before the handler started."""
-        if not data:
-            return _NO_BODY
-        keep = capture and len(data) <= self._max_body
-        return _Body(data, [data] if keep else None, [len(data)])
-
-    async def _read_body(self, request: Request, reader: BodyReader, capture: bool) -> _Body:
+    async def _read_body(self, request: Request, reader: BodyReader, record: _Record) -> Body:
         """A body still arriving: streamed to the upstream, unless it is small (the client
         waited for 100 Continue before sending it)."""
         length = parse_length(request.noted.get(b"content-length"))
         if length is not None and length <= self.whole_body_limit:
-            return self._whole_body(await reader.read_all(), capture)
-        too_big = length is not None and length > self._max_body
-        captured: list[bytes] | None = [] if capture and not too_big else None
-        size = [0]
-        return _Body(self._stream(reader, captured, size), captured, size)
+            return record.whole_request(await reader.read_all())
+        if length is not None and length > self._max_body and record.request_chunks is not None:
+            record.request_chunks = None
+            record.truncated = True
+        return self._stream(reader, record)
 
-    async def _stream(
-        self, reader: BodyReader, captured: list[bytes] | None, size: list[int]
-    ) -> AsyncIterator[bytes]:
+    async def _stream(self, reader: BodyReader, record: _Record) -> AsyncIterator[bytes]:
         async for chunk in reader:
-            size[0] += len(chunk)
-            if captured is not None:
-                if size[0] <= self._max_body:
-                    captured.append(chunk)
+            record.request_size += len(chunk)
+            if record.request_chunks is not None:
+                if record.request_size <= self._max_body:
+                    record.request_chunks.append(chunk)
                 else:
-                    captured.clear()
-                    captured = None
+                    record.request_chunks = None
+                    record.truncated = True
             yield chunk
 
-    def _finish(
-        self,
-        ticket: RouteTicket,
-        request: Request,
-        request_id: str,
-        body: _Body,
-        relayed: _Relayed,
-    ) -> None:
-        exchange = Exchange(
-            method=request.method,
-            path=request.path,
-            status=relayed.status,
-            request_id=request_id,
-            request_headers=HeaderView(request.headers),
-            response_headers=relayed.headers,
-            request_body=b"".join(body.captured) if body.captured else None,
-            response_body=relayed.body(),
-            request_size=body.size[0],
-            response_size=relayed.size,
-            upstream_seconds=max(relayed.upstream_done - relayed.upstream_started, 0.0),
-            total_seconds=time.perf_counter() - relayed.started,
-            error=relayed.error,
-            truncated=relayed.truncated
-            or (ticket.capture_bodies and body.size[0] > self._max_body),
-            arrivals=relayed.arrivals,
-        )
-        self._observer.end(ticket, exchange)
+
+def _reply(upstream: UpstreamResponse, request_id: str, record: _Record) -> UsageFilter | None:
+    """Settle the reply's head: the upstream's status line and end-to-end headers as sent, plus
+    the request id if it did not echo one. Returns the usage filter its body must go through,
+    if inject_usage rewrote the request."""
+    if b"x-request-id" not in upstream.noted:
+        upstream.headers.append((_REQUEST_ID, request_id.encode()))
+    view = HeaderView(upstream.headers)
+    record.status, record.response_headers = upstream.status, view
+    if not record.strip_usage:
+        return None
+    return usage_filter(upstream.status, view, upstream.content_length, True)
 
 
 async def _relay(
-    client: HttpConnection, upstream: UpstreamResponse, request_id: str, relayed: _Relayed
+    client: HttpConnection, upstream: UpstreamResponse, record: _Record, strip: UsageFilter | None
 ) -> None:
-    """The upstream's reply to the client: its status line and end-to-end headers as sent (plus
-    the request id), and its body as it arrives."""
-    headers = upstream.headers
-    if b"x-request-id" not in upstream.noted:
-        headers.append((_REQUEST_ID, request_id.encode()))
-    view = HeaderView(headers)
-    relayed.answered(upstream.status, view)
-    status, length = upstream.status, upstream.content_length
-    reason = upstream.reason
-    strip = usage_filter(status, view, length, True) if relayed.strip_usage else None
-    # A stream (no length, more to come) gets its head at once: an event stream's client sees
-    # the answer start before the first event. Otherwise the head waits for the body, so that
-    # a small reply, which has usually arrived whole, leaves in one write.
-    streaming = length is None and not upstream.at_eof()
-    try:
-        if streaming:
-            client.send_head(status, reason, headers, None)
-        while True:
-            try:
-                chunk = upstream.read_nowait()
-                if chunk is None:
-                    chunk = await upstream.read()
-            except UpstreamError as exc:  # the upstream broke off mid-body
-                relayed.fail(exc.error_type)
-                if not streaming:
-                    client.send_head(status, reason, headers, length)
-                # The client's connection ends as the upstream's did: a truncated body, then EOF.
-                client.close()
-                return
-            if chunk:
-                relayed.add(chunk)  # the sidecar's copy keeps what the upstream sent
-            done = upstream.at_eof()
-            if strip is not None:
-                chunk = strip(chunk, done)
-            if done:
-                relayed.upstream_done = time.perf_counter()
-                if streaming:
-                    client.end_body(chunk)
-                else:
-                    client.send_head(status, reason, headers, length, chunk, end=True)
-                return
+    """The reply's body as it arrives, after a head that waited for it or went ahead of it."""
+    status, reason, headers = upstream.status, upstream.reason, upstream.headers
+    length = upstream.content_length
+    # A stream (no length) gets its head at once: an event stream's client sees the answer
+    # start before the first event. A reply with a length waits for its first bytes.
+    streaming = length is None
+    if streaming:
+        client.send_head(status, reason, headers, None)
+    while True:
+        try:
+            chunk = await upstream.read()
+        except UpstreamError as exc:  # the upstream broke off mid-body
+            record.fail(exc.error_type)
             if not streaming:
                 client.send_head(status, reason, headers, length)
-                streaming = True
-            client.send_body(chunk)
-            if client.writing_paused:
-                await client.drain()
-    except ConnectionError:
-        relayed.fail("client_disconnect")
+            # The client's connection ends as the upstream's did: a truncated body, then EOF.
+            client.close()
+            return
+        record.add(chunk)  # the sidecar's copy keeps what the upstream sent
+        done = upstream.at_eof()
+        if strip is not None:
+            chunk = strip(chunk, done)
+        if done:
+            record.upstream_done = time.perf_counter()
+            if streaming:
+                client.end_body(chunk)
+            else:
+                client.send_head(status, reason, headers, length, chunk, end=True)
+            return
+        if not streaming:
+            client.send_head(status, reason, headers, length)
+            streaming = True
+        client.send_body(chunk)
+        if client.writing_paused:
+            await client.drain()
 
 
-class _Relayed:
-    """What became of one exchange's response: status, size, timings, and a capped copy of the
-    body (with when each piece arrived) for extraction."""
+class _Record:
+    """What became of one exchange: status, sizes, timings, and capped copies of the bodies
+    (with when each piece of the response arrived) for extraction."""
 
     __slots__ = (
         "_chunks",
         "_limit",
         "arrivals",
         "error",
-        "headers",
+        "request_chunks",
+        "request_size",
+        "response_headers",
         "size",
         "started",
         "status",
@@ -235,28 +205,38 @@ class _Relayed:
         "upstream_started",
     )
 
-    def __init__(self, capture: bool, limit: int, started: float) -> None:
-        self._chunks: list[bytes] | None = [] if capture else None
+    def __init__(self, capture: bool, limit: int) -> None:
+        self.started = self.upstream_started = self.upstream_done = time.perf_counter()
         self._limit = limit
-        self.started = started
-        self.upstream_started = started
-        self.upstream_done = started
+        self.request_chunks: list[bytes] | None = [] if capture else None
+        self.request_size = 0
+        self._chunks: list[bytes] | None = [] if capture else None
         # Client gone before any answer: nginx's 499, "client closed request".
         self.status = 499
-        self.headers: Mapping[str, str] = _NO_HEADERS
+        self.response_headers: Mapping[str, str] = _NO_HEADERS
         self.size = 0
-        self.truncated = False
+        self.truncated = False  # a body was wanted but is over the limit
         self.error: str | None = None
         self.arrivals: list[tuple[int, float]] = []
         self.strip_usage = False  # inject_usage rewrote the request: hide the usage event
 
-    def answered(self, status: int, headers: Mapping[str, str]) -> None:
-        self.status = status
-        self.headers = headers
+    def whole_request(self, body: bytes | None) -> bytes | None:
+        """A request body read whole (None or b"": none)."""
+        if not body:
+            return None
+        self.request_size = len(body)
+        if self.request_chunks is not None:
+            if len(body) <= self._limit:
+                self.request_chunks.append(body)
+            else:
+                self.request_chunks = None
+                self.truncated = True
+        return body
 
     def add(self, chunk: bytes) -> None:
+        """Response bytes, as the upstream sent them."""
         self.size += len(chunk)
-        if self._chunks is None:
+        if self._chunks is None or not chunk:
             return
         if self.size <= self._limit:
             self._chunks.append(chunk)
@@ -272,10 +252,25 @@ class _Relayed:
         self.error = error_type
         self.upstream_done = time.perf_counter()
 
-    def body(self) -> bytes | None:
-        if self._chunks is None or self.error is not None:
-            return None
-        return b"".join(self._chunks)
+    def exchange(self, request: Request, request_id: str) -> Exchange:
+        response = self._chunks
+        return Exchange(
+            method=request.method,
+            path=request.path,
+            status=self.status,
+            request_id=request_id,
+            request_headers=HeaderView(request.headers),
+            response_headers=self.response_headers,
+            request_body=b"".join(self.request_chunks) if self.request_chunks else None,
+            response_body=b"".join(response) if response is not None and not self.error else None,
+            request_size=self.request_size,
+            response_size=self.size,
+            upstream_seconds=max(self.upstream_done - self.upstream_started, 0.0),
+            total_seconds=time.perf_counter() - self.started,
+            error=self.error,
+            truncated=self.truncated,
+            arrivals=self.arrivals,
+        )
 
 
 def _continue_if_expected(client: HttpConnection, headers: RawHeaders, expect: bytes) -> RawHeaders:
@@ -287,7 +282,7 @@ def _continue_if_expected(client: HttpConnection, headers: RawHeaders, expect: b
 
 
 def _answer_error(
-    client: HttpConnection, error: UpstreamError, request_id: str, relayed: _Relayed
+    client: HttpConnection, error: UpstreamError, request_id: str, record: _Record
 ) -> None:
     """The proxy's own answer when the upstream gave none: a short JSON body with the reason."""
     payload = {"error": error.reason, "detail": str(error), "request_id": request_id}
@@ -297,7 +292,7 @@ def _answer_error(
         (b"Content-Length", b"%d" % len(body)),
         (_REQUEST_ID, request_id.encode()),
     ]
-    relayed.answered(error.status, HeaderView(headers))
+    record.status, record.response_headers = error.status, HeaderView(headers)
     # The client may be gone already (it gave up waiting); then there is nobody left to tell.
     with contextlib.suppress(ConnectionError):
         client.send_head(
