@@ -74,3 +74,23 @@ def make_admin_app(
     if feedback is not None:
         app.router.add_post("/feedback", _feedback_handler(feedback))
     return app
+
+
+class AdminServer:
+    """Serves an admin application: `await start(host, port)` binds (0 = ephemeral), `address`
+    then says where; `await stop()` closes."""
+
+    def __init__(self, app: web.Application) -> None:
+        self._runner = web.AppRunner(app, access_log=None)
+
+    async def start(self, host: str, port: int) -> None:
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port).start()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._runner.addresses[0][:2]
+        return str(host), int(port)
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()

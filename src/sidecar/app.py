@@ -4,6 +4,7 @@ signals and drain. No request logic lives here."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from collections.abc import Callable, Iterator
@@ -11,12 +12,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import msgspec
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from sidecar.admin import make_admin_app
+from sidecar.admin import AdminServer, make_admin_app
 from sidecar.config import Config, ConfigError
 from sidecar.extract.compile import build_batch_reader, build_extractor
 from sidecar.extract.presets import PRESETS
@@ -59,15 +59,45 @@ def health_url(config: Config) -> str:
     return config.upstream.rstrip("/") + (path or "/")
 
 
+def make_probe(config: Config, registry: CollectorRegistry) -> UpstreamProbe:
+    """The readiness probe of the upstream and its gauge (started by the caller)."""
+    up = Gauge(
+        "sidecar_upstream_up",
+        "1 while the upstream's health path answers 2xx, from a periodic probe.",
+        # Only the process serving the admin port probes (with --workers, the supervisor).
+        multiprocess_mode="livemax",
+        registry=registry,
+    )
+    return UpstreamProbe(
+        health_url(config),
+        interval=config.health_interval,
+        up=up,
+        lenient=config.health_path is None and config.preset is None,
+    )
+
+
 class Sidecar:
     """The running sidecar: `await start()` binds both ports (0 = ephemeral) and returns when
-    it serves; `proxy_url` and `admin_url` then say where. `await stop()` drains and closes."""
+    it serves; `proxy_url` and `admin_url` then say where. `await stop()` drains and closes.
 
-    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+    A worker of `--workers N` (sidecar.workers) runs with `admin=False`: no admin port and no
+    probe, the supervisor has those; and `reuse_port=True`, as its siblings bind the same port.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        registry: CollectorRegistry | None = None,
+        *,
+        admin: bool = True,
+        reuse_port: bool = False,
+    ) -> None:
         self.config = config
         self.registry = registry if registry is not None else _default_registry()
+        self._admin = admin
+        self._reuse_port = reuse_port
         self._proxy_server: Http1Server | None = None
-        self._admin_runner: web.AppRunner | None = None
+        self._admin_server: AdminServer | None = None
         self._probe: UpstreamProbe | None = None
         self._pool: UpstreamPool | None = None
         self._pipeline: Pipeline | None = None
@@ -87,32 +117,21 @@ class Sidecar:
         profile = load_profile(config.drift.profile) if config.drift.profile else None
         pipeline = self._pipeline = Pipeline(config, build_routes(config), self.registry, profile)
         handler = ProxyHandler(pool, pipeline, max_body_bytes=config.max_body_bytes)
-        up = Gauge(
-            "sidecar_upstream_up",
-            "1 while the upstream's health path answers 2xx, from a periodic probe.",
-            registry=self.registry,
-        )
-        self._probe = UpstreamProbe(
-            health_url(config),
-            interval=config.health_interval,
-            up=up,
-            lenient=config.health_path is None and config.preset is None,
-        )
-        await self._probe.start()
+        if self._admin:
+            self._probe = make_probe(config, self.registry)
+            await self._probe.start()
         await pipeline.feedback.open()
 
         self._proxy_server = Http1Server(handler, whole_body_limit=handler.whole_body_limit)
-        await self._proxy_server.start(config.host, config.port)
+        await self._proxy_server.start(config.host, config.port, reuse_port=self._reuse_port)
+        self.proxy_url = url_of(self._proxy_server.address)
 
-        probe = self._probe
-        admin = make_admin_app(self.registry, lambda: probe.status, feedback=pipeline.feedback)
-        self._admin_runner = web.AppRunner(admin, access_log=None)
-        await self._admin_runner.setup()
-        admin_site = web.TCPSite(self._admin_runner, config.admin_host, config.metrics_port)
-        await admin_site.start()
-
-        self.proxy_url = _url(self._proxy_server.address)
-        self.admin_url = _url(self._admin_runner.addresses[0])
+        if self._probe is not None:
+            probe = self._probe
+            admin = make_admin_app(self.registry, lambda: probe.status, feedback=pipeline.feedback)
+            self._admin_server = AdminServer(admin)
+            await self._admin_server.start(config.admin_host, config.metrics_port)
+            self.admin_url = url_of(self._admin_server.address)
         log.info(
             "serving",
             extra={"proxy": self.proxy_url, "admin": self.admin_url, "upstream": config.upstream},
@@ -127,8 +146,8 @@ class Sidecar:
             await asyncio.sleep(self.config.shutdown_delay)
         if self._proxy_server is not None:
             await self._proxy_server.stop(self.config.drain_timeout)
-        if self._admin_runner is not None:
-            await self._admin_runner.cleanup()
+        if self._admin_server is not None:
+            await self._admin_server.stop()
         if self._probe is not None:
             await self._probe.stop()
         if self._pool is not None:
@@ -150,12 +169,7 @@ class Sidecar:
     def reload(self, config: Config) -> None:
         """Apply a new config while serving. Settings that only take effect at start-up (ports,
         upstream, timeouts, caps) keep their running values, and the log says which."""
-        kept = [key for key in RESTART_KEYS if getattr(config, key) != getattr(self.config, key)]
-        if kept:
-            log.warning(
-                "these settings need a restart; kept the running values", extra={"keys": kept}
-            )
-            config = msgspec.structs.replace(config, **{k: getattr(self.config, k) for k in kept})
+        config = keep_running(self.config, config)
         if self._pipeline is not None:
             self._pipeline.reconfigure(config, build_routes(config))
         logging.getLogger().setLevel(config.log_level.upper())
@@ -163,11 +177,15 @@ class Sidecar:
         log.info("config reloaded", extra={"routes": len(config.routes), "preset": config.preset})
 
     async def serve_until_signalled(
-        self, reload: Callable[[], Config] | None = None, watch: Path | None = None
+        self,
+        reload: Callable[[], Config] | None = None,
+        watch: Path | None = None,
+        *,
+        on_start: Callable[[], None] | None = None,
     ) -> None:
         """Run until SIGTERM or SIGINT, then drain and return. On SIGHUP, and when the file
         `watch` changes, apply the config `reload` returns; a bad one is logged and the running
-        one stays."""
+        one stays. `on_start` is called once the sidecar serves."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (
@@ -180,27 +198,37 @@ class Sidecar:
             loop.add_signal_handler(signal.SIGHUP, self._try_reload, reload)
         watcher = None
         if reload is not None and watch is not None and self.config.config_watch_interval > 0:
-            watcher = asyncio.create_task(self._watch(watch, reload), name="config-watch")
+            watcher = asyncio.create_task(
+                watch_config(
+                    watch,
+                    self.config.config_watch_interval,
+                    functools.partial(self._try_reload, reload),
+                ),
+                name="config-watch",
+            )
         try:
             await self.start()
         except BaseException:
             await self.stop()  # release what was opened before the failure (a port in use)
             raise
+        if on_start is not None:
+            on_start()
         await stop.wait()
         log.info("signal received, draining", extra={"drain_timeout": self.config.drain_timeout})
         if watcher is not None:
             watcher.cancel()
         await self.stop()
 
-    async def _watch(self, path: Path, read: Callable[[], Config]) -> None:
-        """Poll the config file; Kubernetes updates a mounted ConfigMap without any signal."""
-        last = await asyncio.to_thread(_file_signature, path)
-        while True:
-            await asyncio.sleep(self.config.config_watch_interval)
-            current = await asyncio.to_thread(_file_signature, path)
-            if current != last:
-                last = current
-                self._try_reload(read)
+
+async def watch_config(path: Path, interval: float, changed: Callable[[], None]) -> None:
+    """Poll the config file; Kubernetes updates a mounted ConfigMap without any signal."""
+    last = await asyncio.to_thread(_file_signature, path)
+    while True:
+        await asyncio.sleep(interval)
+        current = await asyncio.to_thread(_file_signature, path)
+        if current != last:
+            last = current
+            changed()
 
 
 # Read once at start-up: changing them needs a restart.
@@ -208,8 +236,17 @@ RESTART_KEYS = (
     "upstream", "host", "port", "metrics_host", "metrics_port", "upstream_timeout",
     "connect_timeout", "health_path", "health_interval", "drain_timeout", "shutdown_delay",
     "model_name", "model_version", "framework", "max_body_bytes", "label_cap", "model_names",
-    "record_queue_size", "config_watch_interval", "feedback", "drift",
+    "record_queue_size", "config_watch_interval", "workers", "feedback", "drift",
 )  # fmt: skip
+
+
+def keep_running(running: Config, new: Config) -> Config:
+    """`new` with the restart keys at their running values; the log names the ones it kept."""
+    kept = [key for key in RESTART_KEYS if getattr(new, key) != getattr(running, key)]
+    if not kept:
+        return new
+    log.warning("these settings need a restart; kept the running values", extra={"keys": kept})
+    return msgspec.structs.replace(new, **{key: getattr(running, key) for key in kept})
 
 
 def _file_signature(path: Path) -> tuple[int, int, int] | None:
@@ -227,7 +264,7 @@ def _default_registry() -> CollectorRegistry:
     return registry
 
 
-def _url(address: tuple[str, int]) -> str:
+def url_of(address: tuple[str, int]) -> str:
     host, port = address[:2]
     if ":" in host:
         host = f"[{host}]"

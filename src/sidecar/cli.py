@@ -8,17 +8,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import uvloop
 
 from sidecar import __version__, loadtest_cli, logs, profile_cli
-from sidecar.config import ConfigError, load
+from sidecar.config import Config, ConfigError, load
 from sidecar.profile import ProfileError
+from sidecar.profile import load as load_profile
 
 log = logging.getLogger("sidecar")
 
@@ -36,6 +38,12 @@ SERVE_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("health_path", str, "upstream path whose 2xx means ready, e.g. /v2/health/ready"),
     ("drain_timeout", float, "seconds in-flight requests get to finish on SIGTERM (default 30)"),
     ("max_body_bytes", int, "bodies above this pass through unparsed (default 10 MiB)"),
+    (
+        "workers",
+        int,
+        "proxy processes sharing --port, one core each; above 1 a supervisor "
+        "serves the admin port with their merged metrics (default 1)",
+    ),
     ("profile", str, "reference profile for drift (`sidecar profile build`); key drift.profile"),
     ("log_level", str, "debug, info, warning or error (default info)"),
 )
@@ -65,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     serve.add_argument("--config", "-c", metavar="FILE", help="YAML config file")
+    # How a --workers supervisor starts its workers (sidecar.workers); not for people.
+    serve.add_argument("--worker-dir", type=Path, help=argparse.SUPPRESS)
     for key, kind, text in SERVE_FLAGS:
         serve.add_argument(
             "--" + key.replace("_", "-"),
@@ -138,18 +148,47 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.worker_dir is not None:
+        return _serve_worker(args.worker_dir)
     config = load(args.config, overrides=_overrides(args))
     logs.configure(config.log_level)
+    reload: Callable[[], Config] | None = None
+    if args.config:
+        path, overrides = Path(args.config), _overrides(args)
+        reload = functools.partial(load, path, overrides=overrides)
+    watch = Path(args.config) if args.config else None
+    if config.workers > 1:
+        return _supervise(config, reload, watch)
     from sidecar.app import Sidecar  # imported late: `check-config` and `--help` stay light
 
     try:
-        sidecar = Sidecar(config)
-        if args.config:
-            path = Path(args.config)
-            overrides = _overrides(args)
-            uvloop.run(sidecar.serve_until_signalled(lambda: load(path, overrides=overrides), path))
-        else:
-            uvloop.run(sidecar.serve_until_signalled())
+        uvloop.run(Sidecar(config).serve_until_signalled(reload, watch))
+    except OSError as exc:
+        log.error("cannot serve", extra={"error": str(exc)})
+        return 1
+    return 0
+
+
+def _supervise(config: Config, reload: Callable[[], Config] | None, watch: Path | None) -> int:
+    from sidecar.workers import Supervisor, WorkersFailed
+
+    if config.drift.profile is not None:
+        load_profile(config.drift.profile)  # a bad profile exits 2 here, before any worker runs
+    try:
+        uvloop.run(Supervisor(config, reload, watch).serve_until_signalled())
+    except (OSError, WorkersFailed) as exc:
+        log.error("cannot serve", extra={"error": str(exc)})
+        return 1
+    return 0
+
+
+def _serve_worker(directory: Path) -> int:
+    from sidecar.workers import read_worker_config, serve_worker
+
+    config = read_worker_config(directory)
+    logs.configure(config.log_level)
+    try:
+        uvloop.run(serve_worker(directory, config))
     except OSError as exc:
         log.error("cannot serve", extra={"error": str(exc)})
         return 1
@@ -164,8 +203,10 @@ def _check_config(args: argparse.Namespace) -> int:
         f"{route.method} {route.template} ({route.name})" for route in build_routes(config)
     )
     print(f"{args.file}: ok")
+    workers = f"; {config.workers} workers" if config.workers > 1 else ""
     print(
-        f"  upstream {config.upstream}; proxy port {config.port}; admin port {config.metrics_port}"
+        f"  upstream {config.upstream}; proxy port {config.port}; "
+        f"admin port {config.metrics_port}{workers}"
     )
     print(f"  routes: {routes or 'none (every request is counted under route=other)'}")
     return 0

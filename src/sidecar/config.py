@@ -128,6 +128,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     features: dict[str, FeatureRule] = msgspec.field(default_factory=dict)
     record_queue_size: int = 10_000
     config_watch_interval: float = 5.0
+    workers: int = 1  # proxy processes sharing the port (sidecar.workers); 1 = no supervisor
     feedback: FeedbackSettings = msgspec.field(default_factory=FeedbackSettings)
     drift: DriftSettings = msgspec.field(default_factory=DriftSettings)
 
@@ -156,6 +157,22 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
             raise ValueError(msg)
         if self.label_cap < 1:
             msg = f"label_cap must be at least 1, got {self.label_cap}"
+            raise ValueError(msg)
+        if self.workers < 1:
+            msg = f"workers must be at least 1, got {self.workers}"
+            raise ValueError(msg)
+        if self.workers > 1 and self.port == 0:
+            msg = (
+                f"workers is {self.workers}, but port is 0 (any free port): each worker would "
+                "get a port of its own; set port"
+            )
+            raise ValueError(msg)
+        if self.workers > 1 and self.feedback.store is not None:
+            # Each worker would hold its own store and /feedback (on the supervisor) none.
+            msg = (
+                f"workers is {self.workers}, but feedback.store ({self.feedback.store}) is a "
+                "prediction log of one process: set workers to 1 or remove feedback.store"
+            )
             raise ValueError(msg)
 
     @property
@@ -298,8 +315,8 @@ def _explain(message: str, raw: Mapping[str, Any], sources: Mapping[str, str]) -
     if unknown:
         key = _join(path, unknown["field"])
         return f"key `{key}` is not a known setting ({_where(key, sources)}); check its spelling"
-    key = path.lstrip(".") or "(top level)"
-    value = _lookup(raw, path)
+    key = path.lstrip(".") or _leading_key(detail)
+    value = _lookup(raw, path) if path else raw.get(key, _MISSING)
     choices = _choices(key)
     if choices:
         detail = f"expected one of {', '.join(map(str, choices))}"
@@ -308,6 +325,12 @@ def _explain(message: str, raw: Mapping[str, Any], sources: Mapping[str, str]) -
 
 
 _MISSING = object()
+
+
+def _leading_key(detail: str) -> str:
+    """The setting a whole-config check names first ("workers must be ..."), else a placeholder."""
+    word = detail.split(" ", 1)[0]
+    return word if word in Config.__struct_fields__ else "(top level)"
 
 
 def _choices(key: str) -> tuple[object, ...]:

@@ -364,6 +364,7 @@ def _publish_model_info(
         "Always 1; labels describe the model and the sidecar in front of it "
         "(reference_profile: the content hash of the drift profile, empty without one).",
         [*MODEL_LABELS, "framework", "sidecar_version", "reference_profile"],
+        multiprocess_mode="max",  # --workers: every worker sets the same 1
         registry=registry,
     )
     reference = content_hash(profile) if profile is not None else ""

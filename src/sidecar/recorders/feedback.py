@@ -213,6 +213,7 @@ class FeedbackRecorder:
         self._up = Gauge(
             "sidecar_prediction_log_up",
             "1 while the prediction log (store or JSON Lines) is open; 0 when it is off or failed.",
+            multiprocess_mode="livemin",  # --workers: 1 while every worker's log is open
             registry=registry,
         )
 

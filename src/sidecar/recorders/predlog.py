@@ -99,6 +99,7 @@ class PredictionLog:
         self._rows = Gauge(
             "sidecar_prediction_log_rows",
             "Rows held in the prediction log store.",
+            multiprocess_mode="livesum",  # a store per process: the pod holds them all
             registry=registry,
         )
         for reason in ("max_rows", "max_age"):

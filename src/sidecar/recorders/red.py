@@ -94,6 +94,7 @@ class RedRecorder:
             "ml_requests_in_progress",
             "Requests received and not yet answered.",
             MODEL_LABELS,
+            multiprocess_mode="livesum",  # --workers: the pod's in flight; a dead worker's are gone
             registry=registry,
         )
         self._in_progress_by_model: dict[tuple[str, str], Gauge] = {}

@@ -1,0 +1,315 @@
+"""`sidecar serve --workers N`, with real processes: a supervisor, workers sharing the proxy
+port through SO_REUSEPORT, merged metrics, a worker killed mid-stream, reload, exits.
+
+Which worker holds which connection is read from /proc (Linux, as SO_REUSEPORT spreading is)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from sidecar.cli import main
+from sidecar.demo import FEATURES, sample_rows
+from tests.conftest import CannedUpstream, free_port
+from tests.test_drift_e2e import write_reference
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+
+
+@dataclass
+class Running:
+    process: asyncio.subprocess.Process
+    port: int
+    metrics_port: int
+
+    @property
+    def proxy(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def workers(self) -> set[int]:
+        return _children(self.process.pid)
+
+
+@asynccontextmanager
+async def supervisor(upstream: str, *extra: str, workers: int = 2) -> AsyncIterator[Running]:
+    """`sidecar serve --workers N` on free ports; yields once every worker listens; on exit
+    SIGTERMs it and checks it exits 0."""
+    port, metrics_port = free_port(), free_port()
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "sidecar", "serve", "--upstream", upstream, "--host", "127.0.0.1"),
+        *("--port", str(port), "--metrics-port", str(metrics_port), "--workers", str(workers)),
+        *("--drain-timeout", "5", *extra),
+    )
+    running = Running(process, port, metrics_port)
+    try:
+        await _until(lambda: len(_listening(port)) == workers, process)
+        await _until(lambda: len(running.workers()) == workers, process)
+        yield running
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(process.wait(), 60) == 0
+
+
+async def _until(condition: Callable[[], bool], process: asyncio.subprocess.Process) -> None:
+    for _ in range(1500):
+        if condition():
+            return
+        assert process.returncode is None, f"sidecar exited with {process.returncode}"
+        await asyncio.sleep(0.02)
+    pytest.fail("condition not reached")
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def _tcp() -> Iterator[tuple[int, int, str, int]]:
+    """(local port, remote port, state, inode) of every IPv4 TCP socket."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    for line in lines:
+        fields = line.split()
+        local, remote = (int(address.split(":")[1], 16) for address in fields[1:3])
+        yield local, remote, fields[3], int(fields[9])
+
+
+def _listening(port: int) -> list[int]:
+    return [inode for local, _, state, inode in _tcp() if local == port and state == "0A"]
+
+
+def _owners(port: int, pids: set[int]) -> dict[int, int]:
+    """Client port -> pid of the worker that holds the accepted connection."""
+    by_inode = {inode: remote for local, remote, state, inode in _tcp() if local == port}
+    owners = {}
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                remote = by_inode.get(int(target[8:-1]))
+                if remote is not None:
+                    owners[remote] = pid
+    return owners
+
+
+def _client_port(response: aiohttp.ClientResponse) -> int:
+    assert response.connection is not None
+    assert response.connection.transport is not None
+    return int(response.connection.transport.get_extra_info("sockname")[1])
+
+
+async def _metric_sum(session: aiohttp.ClientSession, url: str, name: str, **labels: str) -> float:
+    async with session.get(url) as response:
+        text = await response.text()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+async def _until_metric(
+    session: aiohttp.ClientSession, url: str, name: str, expected: float, **labels: str
+) -> None:
+    """Poll until the merged sum equals `expected` exactly (snapshots lag up to a second)."""
+    seen = None
+    for _ in range(200):
+        seen = await _metric_sum(session, url, name, **labels)
+        if seen == expected:
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail(f"{name}{labels}: {seen}, expected {expected}")
+
+
+async def test_two_workers_share_the_port_and_merged_counts_are_exact(
+    toy_model: str, tmp_path: Path
+) -> None:
+    """400 KServe V1 requests over 32 connections: both workers serve some, and the merged
+    request, prediction and drift counters equal what was sent, exactly."""
+    reference = tmp_path / "reference.csv"
+    write_reference(reference, 4000)
+    profile = tmp_path / "profile.json"
+    assert main(["profile", "build", str(reference), "-o", str(profile)]) == 0
+    rng = random.Random(5)
+    batches = [sample_rows(rng, rng.randint(1, 3)) for _ in range(400)]
+    args = ("--preset", "kserve-v1", "--model-name", "iris", "--profile", str(profile))
+    async with supervisor(toy_model, *args) as running:
+        connector = aiohttp.TCPConnector(limit=32)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            gate = asyncio.Semaphore(32)
+
+            async def predict(rows: list[list[float]]) -> int:
+                async with (
+                    gate,
+                    session.post(
+                        f"{running.proxy}/v1/models/iris:predict", json={"instances": rows}
+                    ) as response,
+                ):
+                    return len((await response.json())["predictions"])
+
+            predicted = await asyncio.gather(*(predict(rows) for rows in batches))
+            owners = _owners(running.port, running.workers())
+            assert set(owners.values()) == running.workers()  # both hold connections
+
+            metrics = running.metrics
+            await _until_metric(session, metrics, "ml_requests_total", 400, code="200")
+            await _until_metric(session, metrics, "ml_predictions_total", sum(predicted))
+            rows = sum(map(len, batches))
+            for feature in FEATURES:
+                await _until_metric(session, metrics, "ml_drift_bin_total", rows, feature=feature)
+                pit = await _metric_sum(session, metrics, "ml_drift_pit_count", feature=feature)
+                assert pit == rows
+            assert await _metric_sum(session, metrics, "ml_requests_in_progress") == 0
+            # The pod's open files: the 32 connections the workers hold are among them.
+            assert await _metric_sum(session, metrics, "process_open_fds") > 32
+
+
+async def test_a_killed_worker_is_replaced_and_only_its_clients_notice(
+    canned_upstream: CannedUpstream,
+) -> None:
+    """kill -9 one worker while 16 streams are open: its streams end in a closed connection,
+    the other worker's finish intact, a new worker takes its place, no counter goes down."""
+    async with (
+        supervisor(canned_upstream.url, "--health-path", "/health") as running,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session,
+    ):
+        metrics = running.metrics
+        for _ in range(20):
+            async with session.get(f"{running.proxy}/json") as response:
+                assert response.status == 200
+        await _until_metric(session, metrics, "ml_requests_total", 20)
+
+        streams = [await session.get(f"{running.proxy}/sse") for _ in range(16)]
+        for response in streams:
+            assert await response.content.readline() == b"data: first\n"
+        owners = _owners(running.port, running.workers())
+        holders = [owners[_client_port(response)] for response in streams]
+        victim, survivor = sorted(set(holders))  # both workers hold some streams
+        before = await _metric_sum(session, metrics, "ml_requests_total")
+
+        os.kill(victim, signal.SIGKILL)
+        canned_upstream.sse_release.set()
+        for response, holder in zip(streams, holders, strict=True):
+            if holder == survivor:
+                rest = await response.content.read()
+                assert rest == b"\n" + b"".join(f"data: event {i}\n\n".encode() for i in range(3))
+            else:
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await response.content.read()
+            response.release()
+
+        await _until(
+            lambda: len(_listening(running.port)) == 2 and victim not in running.workers(),
+            running.process,
+        )
+        for _ in range(50):
+            async with session.get(f"{running.proxy}/json") as response:
+                assert response.status == 200
+        finished = holders.count(survivor)
+        await _until_metric(session, metrics, "ml_requests_total", 20 + finished + 50)
+        assert await _metric_sum(session, metrics, "ml_requests_total") >= before
+        assert await _metric_sum(session, metrics, "sidecar_worker_restarts_total") == 1
+        assert await _metric_sum(session, metrics, "ml_requests_in_progress") == 0
+
+
+async def test_sighup_reloads_every_worker(canned_upstream: CannedUpstream, tmp_path: Path) -> None:
+    """The supervisor reads the changed file and hands it to the workers: a new route applies
+    in all of them."""
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(json.dumps({"upstream": canned_upstream.url, "config_watch_interval": 0}))
+    async with (
+        supervisor(canned_upstream.url, "--config", str(config)) as running,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
+    ):
+        route = {"name": "echo", "path": "/echo/{model}"}
+        config.write_text(json.dumps({"upstream": canned_upstream.url, "routes": [route]}))
+        running.process.send_signal(signal.SIGHUP)
+        sent = 0
+        for _ in range(100):
+            # 32 new connections: both workers get some (all to one: odds of 2 in 2^32).
+            echoed = await _metric_sum(session, running.metrics, "ml_requests_total", route="echo")
+            for _ in range(32):
+                async with session.post(f"{running.proxy}/echo/m", data=b"x") as response:
+                    assert response.status == 200
+            sent += 32
+            await _until_metric(session, running.metrics, "ml_requests_total", sent)
+            now = await _metric_sum(session, running.metrics, "ml_requests_total", route="echo")
+            if now - echoed == 32:
+                break
+        else:
+            pytest.fail("the workers never all used the new route")
+
+
+async def test_a_taken_port_makes_the_supervisor_give_up(canned_upstream: CannedUpstream) -> None:
+    """Workers that cannot bind exit; the supervisor does not restart them forever but exits 1
+    and says why."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "sidecar", "serve", "--upstream", canned_upstream.url),
+            *("--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(free_port())),
+            *("--workers", "2"),
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 1
+    last = json.loads(stderr.decode().strip().splitlines()[-1])
+    assert last["msg"] == "cannot serve"
+    assert "exited with code 1 before serving; giving up" in last["error"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--workers", "0"), "key `workers` has value 0; workers must be at least 1, got 0"),
+        (("--workers", "2", "--port", "0"), "port is 0 (any free port)"),
+    ],
+)
+def test_bad_worker_settings_exit_2_before_serving(
+    flags: tuple[str, ...], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--upstream", "http://127.0.0.1:9", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_workers_and_a_prediction_store_exclude_each_other(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("upstream: http://127.0.0.1:9\nworkers: 2\nfeedback: {store: p.db}\n")
+    assert main(["check-config", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert "key `workers` has value 2" in error
+    assert "feedback.store (p.db)" in error
+    assert "set workers to 1 or remove feedback.store" in error
