@@ -33,6 +33,10 @@ Handler = Callable[["Request", "HttpConnection"], Awaitable[None]]
 # Request line and headers together, like nginx's 4 x 8 KiB large_client_header_buffers (more
 # generous): beyond it the client gets 431 and the connection closes.
 MAX_HEAD = 64 * 1024
+# After a last answer to bad input, how long (seconds) to keep draining what the client still
+# sends before closing: closing with unread bytes would send a reset, which can destroy the
+# answer before the client reads it (nginx's lingering close does the same).
+_LINGER = 2.0
 # A streamed request body pauses reading from the client while this much is buffered and not yet
 # taken by the handler (the upstream is slower than the client).
 _HIGH_WATER = 1024 * 1024
@@ -55,6 +59,10 @@ def _last_word(status: bytes) -> bytes:
 _BAD_REQUEST = _last_word(b"400 Bad Request")
 _HEAD_TOO_LARGE = _last_word(b"431 Request Header Fields Too Large")
 _SERVER_ERROR = _last_word(b"500 Internal Server Error")
+
+
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback to stop llhttp at a head over MAX_HEAD."""
 
 
 class Request:
@@ -87,6 +95,10 @@ class Request:
         self.http11 = http11
         self.keep_alive = keep_alive
         self.body: bytes | BodyReader | None = None
+
+
+def _head_size(target: bytes, headers: RawHeaders) -> int:
+    return len(target) + sum(len(name) + len(value) + 4 for name, value in headers)
 
 
 def _path(target: bytes) -> str:
@@ -196,6 +208,7 @@ class HttpConnection(asyncio.Protocol):
         "_head_size",
         "_headers",
         "_keep",
+        "_linger",
         "_loop",
         "_lost",
         "_next",
@@ -236,6 +249,7 @@ class HttpConnection(asyncio.Protocol):
         self._worker: asyncio.Task[None] | None = None
         self._next: asyncio.Future[Request] | None = None  # the worker waits for a request
         self._broken: bytes | None = None  # unparseable input: this answer once the queue is done
+        self._linger: asyncio.TimerHandle | None = None
         # The response being written.
         self._head_sent = False
         self._done = False
@@ -266,8 +280,9 @@ class HttpConnection(asyncio.Protocol):
             # Upgrade header; whatever follows it is not HTTP, so the connection ends there.
             self._reject(b"")
             return
-        except httptools.HttpParserError:
-            self._reject(_BAD_REQUEST)
+        except httptools.HttpParserError as exc:
+            too_large = isinstance(exc.__context__, _HeadTooLarge)
+            self._reject(_HEAD_TOO_LARGE if too_large else _BAD_REQUEST)
             return
         if self._parsing is None:
             if self._head_size > MAX_HEAD:
@@ -280,6 +295,8 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        if self._linger is not None:
+            self._linger.cancel()
         self._queue.clear()
         if self._reader is not None:
             self._reader.fail(ConnectionResetError(_GONE))
@@ -310,6 +327,9 @@ class HttpConnection(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        # _head_size counts whole reads, so it can also hold body bytes: count exactly if over.
+        if self._head_size > MAX_HEAD and _head_size(self._url, self._headers) > MAX_HEAD:
+            raise _HeadTooLarge
         parser = self._parser
         method = parser.get_method()
         self._parsing = Request(
@@ -395,8 +415,7 @@ class HttpConnection(asyncio.Protocol):
                 self._update_reading()
                 continue
             if self._broken is not None:
-                self._write(self._broken)
-                self._close()
+                self._last_word(self._broken)
                 return
             self._next = self._loop.create_future()
             try:
@@ -405,12 +424,25 @@ class HttpConnection(asyncio.Protocol):
                 self._next = None
 
     def _reject(self, answer: bytes) -> None:
-        """Unparseable input: answer it (after the requests before it), then close."""
+        """Unparseable input: answer it (after the requests before it), then close. From here
+        on, whatever the client sends is read and dropped."""
         self._broken = answer
-        self._update_reading()
-        if self._current is None and self._transport is not None:
-            self._transport.write(answer)
+        if self._current is None:
+            self._last_word(answer)
+
+    def _last_word(self, answer: bytes) -> None:
+        """Send `answer`, end our side, drain the client's for a moment, close."""
+        transport = self._transport
+        if transport is None or self._lost:
+            return
+        transport.write(answer)
+        if not transport.can_write_eof():
             self._close()
+            return
+        transport.write_eof()
+        self._body_full = False
+        self._update_reading()
+        self._linger = self._loop.call_later(_LINGER, self._close)
 
     # Flow control
 
@@ -423,7 +455,7 @@ class HttpConnection(asyncio.Protocol):
         self._update_reading()
 
     def _update_reading(self) -> None:
-        pause = self._body_full or bool(self._queue) or self._broken is not None
+        pause = self._body_full or bool(self._queue)
         if pause != self._reading_paused and self._transport is not None and not self._lost:
             self._reading_paused = pause
             if pause:

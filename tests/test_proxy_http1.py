@@ -1,0 +1,345 @@
+"""The proxy port's own HTTP/1.1, spoken over raw sockets: framing, keep-alive, pipelining,
+100-continue, bad input, timeouts and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+
+from sidecar.app import Sidecar
+from sidecar.config import Config
+from sidecar.proxy.http1 import Http1Server, HttpConnection, Request
+from tests.conftest import CannedUpstream, sample, scrape
+
+Response = tuple[bytes, list[tuple[bytes, bytes]], bytes]
+
+
+async def connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return await asyncio.open_connection(host, int(port))
+
+
+async def read_response(reader: asyncio.StreamReader) -> Response:
+    """One response: status line, headers as sent, body (by length, chunks or close)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+    status_line, *lines = head[:-4].split(b"\r\n")
+    headers = [(name, value) for name, _, value in (line.partition(b": ") for line in lines)]
+    named = {name.lower(): value for name, value in headers}
+    if b"content-length" in named:
+        body = await reader.readexactly(int(named[b"content-length"]))
+    elif named.get(b"transfer-encoding") == b"chunked":
+        pieces = []
+        while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
+            pieces.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+        await reader.readexactly(2)
+        body = b"".join(pieces)
+    elif status_line.split(b" ")[1] in (b"204", b"304"):
+        body = b""
+    else:
+        body = await asyncio.wait_for(reader.read(), timeout=10)
+    return status_line, headers, body
+
+
+async def closed(reader: asyncio.StreamReader) -> bool:
+    """Whether the other side closed the connection (EOF within a generous wait)."""
+    return await asyncio.wait_for(reader.read(1), timeout=10) == b""
+
+
+def post(path: str, body: bytes, *extra: bytes) -> bytes:
+    head = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % (path.encode(), len(body))
+    return head + b"".join(line + b"\r\n" for line in extra) + b"\r\n" + body
+
+
+async def test_pipelined_requests_are_answered_in_order(canned_upstream, sidecar):
+    """Three requests in one write: three answers, in order, on the same connection."""
+    reader, writer = await connect(sidecar.proxy_url)
+    writer.write(b"".join(post("/echo", b"request %d" % i) for i in range(3)))
+    bodies = [(await read_response(reader))[2] for _ in range(3)]
+    assert bodies == [b"request 0", b"request 1", b"request 2"]
+    writer.write(post("/echo", b"after"))  # and the connection is still good
+    assert (await read_response(reader))[2] == b"after"
+    writer.close()
+
+
+async def test_http10_client_gets_close_unless_it_asks_to_keep_alive(canned_upstream, sidecar):
+    """HTTP/1.0 without keep-alive: answered, then closed. With it: confirmed, and kept."""
+    reader, writer = await connect(sidecar.proxy_url)
+    writer.write(b"GET /echo HTTP/1.0\r\n\r\n")
+    status, headers, _ = await read_response(reader)
+    assert status.split(b" ")[1] == b"200"
+    assert (b"Connection", b"close") in headers
+    assert await closed(reader)
+    writer.close()
+
+    reader, writer = await connect(sidecar.proxy_url)
+    for _ in range(2):
+        writer.write(b"GET /echo HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        status, headers, _ = await read_response(reader)
+        assert status.split(b" ")[1] == b"200"
+        assert (b"Connection", b"keep-alive") in headers
+    writer.close()
+
+
+async def test_stream_to_http10_client_is_close_delimited(canned_upstream, sidecar):
+    """An HTTP/1.0 client cannot read chunks: the stream's end is the connection's end."""
+    reader, writer = await connect(sidecar.proxy_url)
+    writer.write(b"GET /chunked HTTP/1.0\r\n\r\n")
+    _, headers, body = await read_response(reader)
+    assert b"transfer-encoding" not in {name.lower() for name, _ in headers}
+    assert body == b"".join(b"chunk %d\n" % i for i in range(5))
+    writer.close()
+
+
+async def test_connection_close_is_honoured(canned_upstream, sidecar):
+    reader, writer = await connect(sidecar.proxy_url)
+    writer.write(post("/echo", b"bye", b"Connection: close"))
+    _, headers, body = await read_response(reader)
+    assert body == b"bye"
+    assert (b"Connection", b"close") in headers
+    assert await closed(reader)
+    writer.close()
+
+
+async def test_malformed_request_gets_400_and_close(canned_upstream, sidecar):
+    """Like nginx: a request llhttp cannot parse is a 400, and the connection ends."""
+    seen = len(canned_upstream.seen)
+    reader, writer = await connect(sidecar.proxy_url)
+    writer.write(b"GET / HTTP/1.1\r\nBad Header Name: x\r\n\r\n")
+    status, _, _ = await read_response(reader)
+    assert status == b"HTTP/1.1 400 Bad Request"
+    assert await closed(reader)
+    assert len(canned_upstream.seen) == seen
+    writer.close()
+
+
+async def test_oversized_head_gets_431(canned_upstream, sidecar):
+    reader, writer = await connect(sidecar.proxy_url)
+    writer.write(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+    status, _, _ = await read_response(reader)
+    assert status == b"HTTP/1.1 431 Request Header Fields Too Large"
+    assert await closed(reader)
+    writer.close()
+
+
+async def test_expect_100_continue_is_answered_by_the_proxy(canned_upstream, sidecar):
+    """The client waits for 100 Continue before its body; the upstream sees no Expect."""
+    reader, writer = await connect(sidecar.proxy_url)
+    writer.write(post("/echo", b"", b"Expect: 100-continue").replace(b"Length: 0", b"Length: 5"))
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"hello")
+    _, _, body = await read_response(reader)
+    assert body == b"hello"
+    assert "expect" not in {name.lower() for name, _ in canned_upstream.seen[-1]["headers"]}
+    writer.close()
+
+
+async def test_chunked_request_bodies(canned_upstream, sidecar):
+    """A chunked body that came whole goes upstream with a length; one still arriving streams
+    through chunked."""
+    reader, writer = await connect(sidecar.proxy_url)
+    chunked = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    writer.write(chunked + b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+    assert (await read_response(reader))[2] == b"hello world"
+    upstream_headers = {name.lower(): value for name, value in canned_upstream.seen[-1]["headers"]}
+    assert upstream_headers["content-length"] == "11"
+
+    writer.write(chunked + b"5\r\nhello\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.1)  # the proxy has started on it before the rest comes
+    writer.write(b"6\r\n world\r\n0\r\n\r\n")
+    assert (await read_response(reader))[2] == b"hello world"
+    upstream_headers = {name.lower(): value for name, value in canned_upstream.seen[-1]["headers"]}
+    assert upstream_headers["transfer-encoding"] == "chunked"
+    writer.close()
+
+
+async def test_empty_request_id_gets_a_real_one(client, canned_upstream, sidecar):
+    async with client.get(sidecar.proxy_url + "/echo", headers={"X-Request-ID": ""}) as response:
+        assert len(response.headers.getall("X-Request-ID")[-1]) == 32
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[tuple[str, list[bytes]]]:
+    """An upstream that answers every request with the bytes in `answer[0]`."""
+    answer: list[bytes] = [b""]
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        await reader.readexactly(int(line.split(b":")[1]))
+                writer.write(answer[0])
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", answer
+    server.close()
+
+
+async def test_upstream_header_bytes_reach_the_client_exactly(raw_upstream, start_sidecar):
+    """Names in their case, values in any bytes (UTF-8 here), in order; hop-by-hop ones and
+    those the upstream's Connection names are dropped; the reason phrase is the upstream's."""
+    url, answer = raw_upstream
+    end_to_end = [
+        b"x-lower: a",
+        "X-Name: café ☕".encode(),
+        b"X-MIXED-Case: \xff\xfe",
+        b"Content-Length: 2",
+    ]
+    answer[0] = b"\r\n".join(
+        [
+            b"HTTP/1.1 201 Made It",
+            end_to_end[0],
+            b"Connection: keep-alive, X-Hop",
+            end_to_end[1],
+            b"X-Hop: 1",
+            b"Keep-Alive: timeout=5",
+            *end_to_end[2:],
+            b"",
+            b"ok",
+        ]
+    )
+    sidecar = await start_sidecar(url)
+    reader, writer = await connect(sidecar.proxy_url)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\nX-Request-ID: r1\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+    assert head == b"\r\n".join(
+        [b"HTTP/1.1 201 Made It", *end_to_end, b"X-Request-ID: r1", b"", b""]
+    )
+    assert await reader.readexactly(2) == b"ok"
+    writer.close()
+
+
+async def test_upstream_silent_mid_stream_times_out(canned_upstream, start_sidecar):
+    """No bytes for upstream_timeout in the middle of a stream: the client's stream is cut and
+    the upstream request dropped, counted as upstream_timeout."""
+    sidecar = await start_sidecar(canned_upstream.url, upstream_timeout=0.3)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(sidecar.proxy_url + "/sse-forever") as response,
+    ):
+        assert await response.content.readuntil(b"\n\n") == b"data: first\n\n"
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    await asyncio.wait_for(canned_upstream.stream_abandoned.wait(), timeout=10)
+    assert sample(await scrape(sidecar), "ml_errors_total", error_type="upstream_timeout") == 1
+
+
+async def test_stop_closes_idle_keep_alive_connections(canned_upstream: CannedUpstream):
+    """Draining does not wait for idle keep-alive connections: they are closed at once (well
+    before the drain timeout, which closed() would not wait out)."""
+    config = Config(
+        upstream=canned_upstream.url, host="127.0.0.1", port=0, metrics_port=0, drain_timeout=60
+    )
+    sidecar = Sidecar(config, registry=CollectorRegistry())
+    await sidecar.start()
+    reader, writer = await connect(sidecar.proxy_url)
+    writer.write(post("/echo", b"x"))
+    await read_response(reader)
+    stopping = asyncio.ensure_future(sidecar.stop())
+    try:
+        assert await closed(reader)
+    finally:
+        await stopping
+    writer.close()
+
+
+async def test_client_hanging_up_before_the_answer_is_a_499(canned_upstream, sidecar):
+    """The upstream request goes when the client does; the exchange is a 499."""
+    _, writer = await connect(sidecar.proxy_url)
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(canned_upstream.slow_started.wait(), timeout=10)
+    writer.close()
+    for _ in range(200):
+        text = await scrape(sidecar)
+        if sample(text, "ml_errors_total", error_type="client_disconnect") == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert sample(text, "ml_requests_total", code="499") == 1
+    assert sample(text, "ml_requests_in_progress") == 0
+
+
+# The server on its own, with small handlers.
+
+
+async def hello(request: Request, connection: HttpConnection) -> None:
+    body = b"hello " + request.path.encode()
+    headers = [(b"Content-Length", b"%d" % len(body))]
+    connection.send_head(200, b"OK", headers, len(body), body, end=True)
+
+
+async def start_server(handler: Any = hello, **settings: Any) -> Http1Server:
+    server = Http1Server(handler, whole_body_limit=1024, **settings)
+    await server.start("127.0.0.1", 0)
+    return server
+
+
+async def test_idle_connections_close_after_the_keepalive_timeout():
+    server = await start_server(keepalive_timeout=0.2)
+    try:
+        host, port = server.address
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_response(reader))[2] == b"hello /a"
+        assert await closed(reader)
+        writer.close()
+    finally:
+        await server.stop(1.0)
+
+
+async def test_a_failing_handler_is_a_500_and_a_closed_connection():
+    async def broken(request: Request, connection: HttpConnection) -> None:
+        raise RuntimeError("bug")
+
+    server = await start_server(broken)
+    try:
+        reader, writer = await asyncio.open_connection(*server.address)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_response(reader))[0] == b"HTTP/1.1 500 Internal Server Error"
+        assert await closed(reader)
+        writer.close()
+    finally:
+        await server.stop(1.0)
+
+
+@pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="no SO_REUSEPORT here")
+async def test_reuse_port_lets_servers_share_a_port():
+    """What `--workers N` builds on: several processes listening on one port. Off by default."""
+    first, second, third = (Http1Server(hello, whole_body_limit=1024) for _ in range(3))
+    try:
+        await first.start("127.0.0.1", 0, reuse_port=True)
+        await second.start(*first.address, reuse_port=True)
+        assert second.address == first.address
+        with pytest.raises(OSError, match="in use"):
+            await third.start(*first.address)
+    finally:
+        for server in (first, second, third):
+            await server.stop(1.0)
+
+
+@pytest.mark.parametrize(
+    ("target", "path"),
+    [
+        (b"/v2/models/iris/infer?x=1", "/v2/models/iris/infer"),
+        (b"/a%20b/caf%C3%A9", "/a b/café"),
+        (b"http://example.com/abs?q", "/abs"),
+        (b"*", "*"),
+    ],
+)
+def test_request_path_is_decoded_without_query(target, path):
+    """The route table sees the decoded path (as aiohttp's request.path was); the upstream gets
+    the target as sent."""
+    request = Request("GET", target, [], True, True)
+    assert request.path == path
+    assert request.target == target
