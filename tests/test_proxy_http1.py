@@ -255,6 +255,24 @@ async def test_stop_closes_idle_keep_alive_connections(canned_upstream: CannedUp
     writer.close()
 
 
+async def test_stop_lets_a_stream_in_progress_finish_then_closes(canned_upstream: CannedUpstream):
+    """A reply already under way when draining starts goes out whole, then the connection
+    closes although it was keep-alive."""
+    config = Config(upstream=canned_upstream.url, host="127.0.0.1", port=0, metrics_port=0)
+    sidecar = Sidecar(config, registry=CollectorRegistry())
+    await sidecar.start()
+    reader, writer = await connect(sidecar.proxy_url)
+    writer.write(b"GET /sse HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(reader.readuntil(b"data: first\n\n\r\n"), timeout=10)
+    stopping = asyncio.ensure_future(sidecar.stop())
+    await asyncio.sleep(0.1)  # draining has begun
+    canned_upstream.sse_release.set()
+    rest = await asyncio.wait_for(reader.read(), timeout=10)  # to EOF
+    await stopping
+    assert rest.endswith(b"data: event 2\n\n\r\n0\r\n\r\n")
+    writer.close()
+
+
 async def test_client_hanging_up_before_the_answer_is_a_499(canned_upstream, sidecar):
     """The upstream request goes when the client does; the exchange is a 499."""
     _, writer = await connect(sidecar.proxy_url)
