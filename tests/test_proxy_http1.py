@@ -221,6 +221,23 @@ async def test_upstream_header_bytes_reach_the_client_exactly(raw_upstream, star
     writer.close()
 
 
+async def test_informational_replies_from_the_upstream_are_skipped(raw_upstream, start_sidecar):
+    """A 103 Early Hints before the answer: the client gets the answer, the hints' headers do
+    not leak into it."""
+    url, answer = raw_upstream
+    answer[0] = (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nX-Final: 1\r\n\r\nbody"
+    )
+    sidecar = await start_sidecar(url)
+    reader, writer = await connect(sidecar.proxy_url)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, body = await read_response(reader)
+    assert (status, body) == (b"HTTP/1.1 200 OK", b"body")
+    assert [name for name, _ in headers] == [b"Content-Length", b"X-Final", b"X-Request-ID"]
+    writer.close()
+
+
 async def test_upstream_silent_mid_stream_times_out(canned_upstream, start_sidecar):
     """No bytes for upstream_timeout in the middle of a stream: the client's stream is cut and
     the upstream request dropped, counted as upstream_timeout."""
