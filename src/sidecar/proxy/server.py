@@ -62,9 +62,9 @@ class ProxyHandler:
         else:
             request_id = new_request_id()
             headers = [*headers, (_REQUEST_ID, request_id.encode())]
-        if b"expect" in request.noted:
-            headers = _continue_if_expected(client, headers, request.noted[b"expect"])
         try:
+            if b"expect" in request.noted:
+                headers = _continue_if_expected(client, headers, request.noted[b"expect"])
             if isinstance(request.body, BodyReader):
                 body = await self._read_body(request, request.body, record)
             else:
@@ -78,7 +78,9 @@ class ProxyHandler:
                 upstream = await self._pool.request(
                     request.method, request.target, headers, body, noted
                 )
-            except Exception as exc:  # every failure maps to an answer and a metric
+            except Exception as exc:  # every upstream failure maps to an answer and a metric
+                if isinstance(exc, ConnectionError) and not isinstance(exc, UpstreamError):
+                    raise  # the client's body stopped coming: its side failed, not the upstream
                 error = exc if isinstance(exc, UpstreamError) else UpstreamError(repr(exc))
                 record.fail(error.error_type)
                 _answer_error(client, error, request_id, record)
@@ -96,10 +98,10 @@ class ProxyHandler:
                     )  # fmt: skip
                 else:
                     await _relay(client, upstream, record, strip)
-            except ConnectionError:
-                record.fail("client_disconnect")
             finally:
                 upstream.release()
+        except ConnectionError:  # a write to the client, or its body, failed: it has gone
+            record.fail("client_disconnect")
         except asyncio.CancelledError:
             # The client went away and its connection cancelled us: the upstream request goes
             # with it (release() closes a connection whose reply was not complete).
