@@ -305,6 +305,24 @@ async def test_client_hanging_up_before_the_answer_is_a_499(canned_upstream, sid
     assert sample(text, "ml_requests_in_progress") == 0
 
 
+async def test_client_leaving_mid_upload_is_a_client_disconnect(canned_upstream, sidecar):
+    """A large body streams to the upstream as it comes; if the client stops halfway, the
+    exchange is the client's failure, not a 502 from the upstream."""
+    _, writer = await connect(sidecar.proxy_url)
+    writer.write(post("/echo", b"")[:-2].replace(b"Length: 0", b"Length: 10000000") + b"\r\n")
+    writer.write(b"x" * 200_000)
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the upload is under way upstream
+    writer.close()
+    for _ in range(200):
+        text = await scrape(sidecar)
+        if sample(text, "ml_requests_in_progress") == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert sample(text, "ml_errors_total", error_type="client_disconnect") == 1
+    assert sample(text, "ml_requests_total", code="502") is None
+
+
 # The server on its own, with small handlers.
 
 
