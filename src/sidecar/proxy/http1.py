@@ -25,7 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 import httptools
 
-from sidecar.proxy.headers import RawHeaders, parse_length, scan, serialize
+from sidecar.proxy.headers import RawHeaders, field_line, parse_length, scan
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,9 @@ _HIGH_WATER = 1024 * 1024
 _METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")}
 _BODILESS_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_CHUNKED = b"Transfer-Encoding: chunked\r\n"
-_CLOSE = b"Connection: close\r\n"
-_KEEP_ALIVE = b"Connection: keep-alive\r\n"  # an HTTP/1.0 client keeps the connection only if told
+_CHUNKED = b"Transfer-Encoding: chunked"
+_CLOSE = b"Connection: close"
+_KEEP_ALIVE = b"Connection: keep-alive"  # an HTTP/1.0 client keeps the connection only if told
 _LAST_CHUNK = b"0\r\n\r\n"
 _GONE = "the client closed the connection"
 
@@ -493,28 +493,27 @@ class HttpConnection(asyncio.Protocol):
         request = self._current
         assert request is not None
         self._head_sent = True
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason), serialize(headers)]
+        lines = [b"HTTP/1.1 %d %s" % (status, reason), *map(field_line, headers)]
         if request.method == "HEAD" or status in _BODILESS_STATUS or status < 200:
             body = b""
             end = True
         elif length is None:
             if request.http11:
                 self._chunked = True
-                parts.append(_CHUNKED)
+                lines.append(_CHUNKED)
             else:
                 self._keep = False  # the end of the body is the end of the connection
         if not self._keep:
-            parts.append(_CLOSE)
+            lines.append(_CLOSE)
         elif not request.http11:
-            parts.append(_KEEP_ALIVE)
-        parts.append(b"\r\n")
-        if body:
-            parts.append(b"%x\r\n%s\r\n" % (len(body), body) if self._chunked else body)
-        if end:
-            self._done = True
-            if self._chunked:
-                parts.append(_LAST_CHUNK)
-        self._write(b"".join(parts))
+            lines.append(_KEEP_ALIVE)
+        if self._chunked:
+            chunk = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
+            body = chunk + _LAST_CHUNK if end else chunk
+        self._done = end
+        lines.append(b"")  # the blank line that ends the head
+        lines.append(body)
+        self._write(b"\r\n".join(lines))
 
     def send_body(self, chunk: bytes) -> None:
         """More body bytes, after send_head; then check `writing_paused`."""

@@ -17,7 +17,7 @@ from typing import cast
 
 import httptools
 
-from sidecar.proxy.headers import parse_length, scan, serialize
+from sidecar.proxy.headers import field_line, parse_length, scan
 from sidecar.proxy.upstream import (
     UpstreamError,
     UpstreamReset,
@@ -430,16 +430,16 @@ class UpstreamPool:
             has_host, has_length = b"host" in names, b"content-length" in names
         else:
             has_host, has_length = b"host" in noted, b"content-length" in noted
-        parts = [b"%s %s HTTP/1.1\r\n" % (method.encode("latin-1"), target), serialize(headers)]
+        lines = [b"%s %s HTTP/1.1" % (method.encode("latin-1"), target), *map(field_line, headers)]
         if not has_host:
-            parts.append(b"Host: %s\r\n" % self._host_header)
+            lines.append(b"Host: " + self._host_header)
         chunked = body is not None and not isinstance(body, bytes) and not has_length
         if chunked:
-            parts.append(b"Transfer-Encoding: chunked\r\n")
+            lines.append(b"Transfer-Encoding: chunked")
         elif isinstance(body, bytes) and not has_length and (body or method in _BODY_METHODS):
-            parts.append(b"Content-Length: %d\r\n" % len(body))
-        parts.append(b"\r\n")
-        return b"".join(parts), chunked
+            lines.append(b"Content-Length: %d" % len(body))
+        lines += (b"", b"")  # the blank line that ends the head
+        return b"\r\n".join(lines), chunked
 
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
