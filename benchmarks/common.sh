@@ -5,6 +5,7 @@ BENCH=${BENCH:-$ROOT/../shared/bench}   # nginx configs, post.lua, naive proxy
 PY=${PY:-$ROOT/.venv/bin/python}
 SIDECAR=${SIDECAR:-$ROOT/.venv/bin/sidecar}
 WORK=${WORK:-/tmp/sidecar-bench}
+PORT=${PORT:-18005}   # the sidecar proxy port; the admin port is PORT+1
 mkdir -p "$WORK" /tmp/bench
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; }

@@ -7,8 +7,8 @@
 . "$(dirname "$0")/common.sh"
 need nginx taskset
 start_upstream
-taskset -c 1 "$SIDECAR" serve --upstream http://127.0.0.1:18001 --host 127.0.0.1 --port 18005 \
-  --metrics-port 18006 --log-level warning ${SIDECAR_ARGS:---preset kserve-v1 --model-name iris} & pids+=($!)
-wait_port 18001; wait_port 18005
-taskset -c 0 "$SIDECAR" loadtest http://127.0.0.1:18005 --compare http://127.0.0.1:18001 \
+taskset -c 1 "$SIDECAR" serve --upstream http://127.0.0.1:18001 --host 127.0.0.1 --port "$PORT" \
+  --metrics-port "$((PORT + 1))" --log-level warning ${SIDECAR_ARGS:---preset kserve-v1 --model-name iris} & pids+=($!)
+wait_port 18001; wait_port "$PORT"
+taskset -c 0 "$SIDECAR" loadtest http://127.0.0.1:$PORT --compare http://127.0.0.1:18001 \
   --rate "${RATE:-1000}" --duration "${DUR:-60s}" --quiet "$@"

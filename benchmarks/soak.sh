@@ -17,11 +17,11 @@ for path, rows in ((train, 50_000), (traffic, 20_000)):
 PYEOF
 "$SIDECAR" profile build "$WORK/train.csv" -o "$WORK/profile.json" --quiet
 start_upstream
-taskset -c 1 "$SIDECAR" serve --upstream http://127.0.0.1:18001 --host 127.0.0.1 --port 18005 \
-  --metrics-port 18006 --log-level warning --preset kserve-v1 --model-name iris \
+taskset -c 1 "$SIDECAR" serve --upstream http://127.0.0.1:18001 --host 127.0.0.1 --port "$PORT" \
+  --metrics-port "$((PORT + 1))" --log-level warning --preset kserve-v1 --model-name iris \
   --profile "$WORK/profile.json" & sc=$!; pids+=($sc)
-wait_port 18001; wait_port 18005
-taskset -c 0 "$SIDECAR" loadtest http://127.0.0.1:18005 --data "$WORK/traffic.csv" \
+wait_port 18001; wait_port "$PORT"
+taskset -c 0 "$SIDECAR" loadtest http://127.0.0.1:$PORT --data "$WORK/traffic.csv" \
   --rate "${RATE:-2000}" --duration "${DUR:-10m}" --quiet --json > "$WORK/soak.json" & load=$!
 rss() { awk '/^VmRSS/ {print $2}' "/proc/$sc/status"; }
 : > "$WORK/rss.txt"
