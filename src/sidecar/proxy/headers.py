@@ -9,8 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Mapping
-
-from multidict import CIMultiDict
+from typing import TypeVar, overload
 
 # RFC 9110 section 7.6.1: meaningful for one connection only, so never forwarded. Proxy-* are
 # credentials and options meant for a proxy, which is us. Everything else passes unchanged.
@@ -98,8 +97,12 @@ def parse_length(value: bytes | None) -> int | None:
         return None
 
 
+_T = TypeVar("_T")
+
+
 class HeaderView(Mapping[str, str]):
-    """Raw headers as a case-insensitive `str` mapping, decoded (latin-1) on first use.
+    """Raw headers as a case-insensitive `str` mapping (names lower-cased), decoded (latin-1) on
+    first use; of a repeated header, the first value.
 
     The exchange record offers headers by name, but only payload extraction reads them: decoding
     every header of every request up front would cost each request for the few that are parsed.
@@ -109,26 +112,36 @@ class HeaderView(Mapping[str, str]):
 
     def __init__(self, raw: RawHeaders) -> None:
         self._raw = raw
-        self._decoded: CIMultiDict[str] | None = None
+        self._decoded: dict[str, str] | None = None
 
-    def _headers(self) -> CIMultiDict[str]:
+    def _headers(self) -> dict[str, str]:
         if self._decoded is None:
-            self._decoded = CIMultiDict(
-                (name.decode("latin-1"), value.decode("latin-1")) for name, value in self._raw
-            )
+            # Reversed, so that the first of repeated headers is the one kept.
+            self._decoded = {
+                name.lower().decode("latin-1"): value.decode("latin-1")
+                for name, value in reversed(self._raw)
+            }
         return self._decoded
 
     def __getitem__(self, name: str) -> str:
-        return self._headers()[name]
+        return self._headers()[name.lower()]
+
+    @overload
+    def get(self, name: str, /) -> str | None: ...
+    @overload
+    def get(self, name: str, /, default: str | _T) -> str | _T: ...
+    def get(self, name: str, /, default: object = None) -> object:
+        # Mapping.get would go through __getitem__ and a KeyError for every absent header.
+        return self._headers().get(name.lower(), default)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._headers()
+        return isinstance(name, str) and name.lower() in self._headers()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._headers())
 
     def __len__(self) -> int:
-        return len(self._raw)
+        return len(self._headers())
 
     def __repr__(self) -> str:
         return f"HeaderView({self._raw!r})"
