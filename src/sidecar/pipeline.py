@@ -32,7 +32,7 @@ from sidecar.routes import Route, RouteTable
 log = logging.getLogger(__name__)
 
 # Ended exchanges wait at most this long (seconds) to be recorded, or until this many are waiting.
-DRAIN_DELAY = 0.002
+DRAIN_DELAY = 0.005
 DRAIN_NOW = 256
 
 
