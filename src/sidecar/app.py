@@ -153,6 +153,7 @@ class Sidecar:
         if self._pool is not None:
             await self._pool.close()
         if self._pipeline is not None:
+            self._pipeline.flush()  # exchanges still waiting for the next drain
             await self._pipeline.feedback.close()  # after the proxy: its last rows get written
         log.info("stopped")
 
