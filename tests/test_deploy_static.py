@@ -51,6 +51,7 @@ COUNTERS = {
     "ml_errors_total",
     "sidecar_dropped_observations_total",
     "sidecar_label_overflow_total",
+    "sidecar_worker_restarts_total",
     "process_cpu_seconds_total",
     "ml_predictions_total",
     "ml_low_confidence_predictions_total",
