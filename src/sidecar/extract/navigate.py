@@ -6,7 +6,7 @@ from typing import Any
 
 from sidecar.extract.errors import MappingError
 
-__all__ = ["member", "non_empty_list", "row_list", "rows_at", "text"]
+__all__ = ["member", "non_empty_list", "row_list", "rows_at", "single_tensor_rows", "text"]
 
 
 def member(value: Any, key: str) -> Any:
@@ -54,3 +54,26 @@ def row_list(value: Any) -> list[Any] | None:
 def non_empty_list(value: Any) -> list[Any] | None:
     """`value` if it is a non-empty list, else None."""
     return value if isinstance(value, list) and value else None
+
+
+def single_tensor_rows(tensors: Any, max_rows: int) -> list[Any] | None:
+    """The rows of the only tensor in `tensors` (a V2 `inputs` or `outputs` list), if it has at
+    most `max_rows` rows and its `data` fits its `shape` exactly: [n] gives n values, [n, k]
+    n rows of k (nested as sent, or cut from flat data). None for anything else."""
+    if not isinstance(tensors, list) or len(tensors) != 1 or not isinstance(tensors[0], dict):
+        return None
+    data, shape = tensors[0].get("data"), tensors[0].get("shape")
+    if not isinstance(data, list) or not data or not isinstance(shape, list):
+        return None
+    if not all(type(dim) is int for dim in shape) or not 0 < shape[0] <= max_rows:
+        return None
+    if len(shape) == 1:
+        return data if len(data) == shape[0] and not isinstance(data[0], list) else None
+    if len(shape) != 2 or shape[1] < 1:
+        return None
+    n, width = shape
+    if isinstance(data[0], list):
+        return data if len(data) == n and all(len(row) == width for row in data) else None
+    if len(data) != n * width:
+        return None
+    return [data[i * width : (i + 1) * width] for i in range(n)]

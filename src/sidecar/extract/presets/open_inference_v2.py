@@ -12,10 +12,11 @@ from typing import Any, Final
 
 from numpy.typing import NDArray
 
+from sidecar.extract.batch import MAX_MERGED_ROWS
 from sidecar.extract.body import Parsed
 from sidecar.extract.errors import MappingError
-from sidecar.extract.navigate import member, text
-from sidecar.extract.plan import Plan, Vocabulary
+from sidecar.extract.navigate import member, single_tensor_rows, text
+from sidecar.extract.plan import Plan, Rows, Vocabulary
 from sidecar.extract.predictions import ClassNames, combine, read_predictions, tensor_rows
 from sidecar.extract.presets.base import Preset, PresetRoute
 from sidecar.extract.tables import join, tensor_block
@@ -36,9 +37,7 @@ def make_plan(vocabulary: Vocabulary) -> Plan:
         blocks = [
             tensor_block(member(t, "data"), t.get("shape"), check_booleans=check) for t in inputs
         ]
-        parameters = body.get("parameters")
-        pandas = isinstance(parameters, dict) and parameters.get("content_type") == "pd"
-        if len(blocks) == 1 and not pandas:
+        if len(blocks) == 1 and not _pandas(body):
             return blocks[0].named(names)
         # Several inputs (or the pandas codec): each input is a column, or a group of columns.
         columns: list[str] = []
@@ -58,9 +57,32 @@ def make_plan(vocabulary: Vocabulary) -> Plan:
     def model_version(body: Any) -> str | None:
         return text(body.get("model_version")) if isinstance(body, dict) else None
 
+    def feature_rows(body: Any) -> list[Any] | None:
+        if not isinstance(body, dict) or _pandas(body):
+            return None
+        rows = single_tensor_rows(body.get("inputs"), MAX_MERGED_ROWS)
+        # One-value rows of shape [n] are a column: read alone, as tensor_block reads them.
+        return rows if rows is not None and isinstance(rows[0], list) else None
+
+    def prediction_rows(body: Any) -> list[Any] | None:
+        return (
+            single_tensor_rows(body.get("outputs"), MAX_MERGED_ROWS)
+            if isinstance(body, dict)
+            else None
+        )
+
     return Plan(
-        features=features, outputs=outputs, model_name=model_name, model_version=model_version
+        features=features,
+        outputs=outputs,
+        model_name=model_name,
+        model_version=model_version,
+        rows=Rows.common(vocabulary, feature_rows, prediction_rows),
     )
+
+
+def _pandas(body: dict[str, Any]) -> bool:
+    parameters = body.get("parameters")
+    return isinstance(parameters, dict) and parameters.get("content_type") == "pd"
 
 
 def _read_outputs(tensors: list[dict[str, Any]], classes: ClassNames) -> Outputs:
