@@ -215,6 +215,24 @@ async def scrape(sidecar: Sidecar) -> str:
         return await response.text()
 
 
+async def scrape_until(sidecar: Sidecar, check: Callable[[str], bool]) -> str:
+    """Scrape until `check` holds: payloads are recorded, rows written and gauges refreshed
+    after the reply. Bounded (about 20 s): the last scrape is returned either way and the
+    caller's assertions say what is missing."""
+    text = ""
+    for _ in range(1000):
+        text = await scrape(sidecar)
+        if check(text):
+            break
+        await asyncio.sleep(0.02)
+    return text
+
+
+async def settled(sidecar: Sidecar, name: str, expected: float, **labels: str) -> str:
+    """Scrape until one sample reaches its expected value."""
+    return await scrape_until(sidecar, lambda text: sample(text, name, **labels) == expected)
+
+
 def sample(text: str, name: str, **labels: str) -> float | None:
     """The value of one sample in exposition text, or None when no sample has these labels."""
     for family in text_string_to_metric_families(text):

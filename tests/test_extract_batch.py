@@ -25,22 +25,41 @@ def message(value: Any) -> Message:
 
 
 def assert_same_rows(merged: Extraction, start: int, alone: Extraction) -> None:
-    """Rows start.. of the merged extraction are the single exchange's extraction."""
+    """Rows start.. of the merged extraction are the single exchange's extraction (which read
+    without errors and found only numbers)."""
     stop = start + alone.batch_size
-    assert alone.errors == ()
     assert merged.features is not None
-    assert alone.features is not None
-    assert merged.features.columns == alone.features.columns
-    np.testing.assert_array_equal(merged.features.numeric[start:stop], alone.features.numeric)
-    assert not alone.features.missing.any()
-    assert not alone.features.non_numeric.any()
+    rows = Extraction(
+        features=merged.features.rows(start, stop),
+        outputs=merged.outputs.rows(start, stop),
+        batch_size=alone.batch_size,
+        model_name=alone.model_name,  # names are read per exchange, not merged
+        model_version=alone.model_version,
+    )
+    assert_same_extraction(rows, alone)
+
+
+def assert_same_extraction(ours: Extraction, theirs: Extraction) -> None:
+    assert (ours.errors, ours.batch_size) == (theirs.errors, theirs.batch_size)
+    assert (ours.model_name, ours.model_version) == (theirs.model_name, theirs.model_version)
+    if theirs.features is None:
+        assert ours.features is None
+    else:
+        assert ours.features is not None
+        assert ours.features.columns == theirs.features.columns
+        for field in ("numeric", "missing", "non_numeric"):
+            np.testing.assert_array_equal(
+                getattr(ours.features, field), getattr(theirs.features, field)
+            )
+        assert ours.features.strings.keys() == theirs.features.strings.keys()
+        for name, texts in theirs.features.strings.items():
+            np.testing.assert_array_equal(ours.features.strings[name], texts)
     for field in ("classes", "confidence", "value"):
-        ours, theirs = getattr(merged.outputs, field), getattr(alone.outputs, field)
-        if theirs is None:
-            assert ours is None
+        mine, other = getattr(ours.outputs, field), getattr(theirs.outputs, field)
+        if other is None:
+            assert mine is None
         else:
-            assert ours is not None
-            np.testing.assert_array_equal(ours[start:stop], theirs)
+            np.testing.assert_array_equal(mine, other)
 
 
 def check_batch(preset: str, pairs: list[tuple[Message, Message]], **mapping: Any) -> list[int]:
@@ -48,7 +67,12 @@ def check_batch(preset: str, pairs: list[tuple[Message, Message]], **mapping: An
     spec = MappingSpec(**mapping) if mapping else None
     read, extract = build_batch_reader(preset, spec), build_extractor(preset, spec)
     assert read is not None
-    merged = read(pairs)
+    batch = read(pairs)
+    merged_positions = batch.merged.members if batch.merged is not None else []
+    assert sorted([*merged_positions, *(p for p, _ in batch.alone)]) == list(range(len(pairs)))
+    for position, extraction in batch.alone:  # read alone from the bodies decoded once
+        assert_same_extraction(extraction, extract(*pairs[position]))
+    merged = batch.merged
     if merged is None:
         return []
     assert sum(merged.row_counts) == merged.extraction.batch_size
@@ -104,7 +128,7 @@ def test_rows_that_do_not_read_as_one_array_are_not_merged():
     ]
     read = build_batch_reader("kserve-v1", None)
     assert read is not None
-    assert read(pairs) is None
+    assert read(pairs).merged is None
 
 
 def test_a_mapping_with_its_own_readers_has_no_batch_reader():

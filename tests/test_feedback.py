@@ -7,7 +7,7 @@ import asyncio
 import json
 import random
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from sidecar.app import Sidecar
 from sidecar.config import FeedbackSettings
 from sidecar.demo import CLASSES
 from sidecar.extract.spec import MappingSpec
-from tests.conftest import StartSidecar, sample, scrape
+from tests.conftest import StartSidecar, sample, scrape, scrape_until
 
 CENTRES = np.array([[5.0, 3.4, 1.5, 0.2], [5.9, 2.8, 4.3, 1.3], [6.6, 3.0, 5.6, 2.0]])
 
@@ -112,25 +112,15 @@ async def post_feedback(
         return response.status, await response.json()
 
 
-async def until(sidecar: Sidecar, check: Callable[[str], bool]) -> str:
-    """Scrape until `check` holds: rows are written and gauges refreshed after the reply. Bounded:
-    the last scrape is returned either way and the caller's assertions say what is missing."""
-    text = ""
-    for _ in range(1000):
-        text = await scrape(sidecar)
-        if check(text):
-            break
-        await asyncio.sleep(0.02)
-    return text
-
-
 def value(text: str, name: str, **labels: str) -> float:
     found = sample(text, name, **labels)
     return 0.0 if found is None else found
 
 
 async def logged(sidecar: Sidecar, rows: int) -> str:
-    return await until(sidecar, lambda t: value(t, "sidecar_prediction_log_written_total") >= rows)
+    return await scrape_until(
+        sidecar, lambda t: value(t, "sidecar_prediction_log_written_total") >= rows
+    )
 
 
 def label_forms(truth: list[int], rng: random.Random) -> list[str | int]:
@@ -207,7 +197,7 @@ async def test_labels_for_10000_predictions_give_the_reference_figures(
 
     names = [CLASSES[t] for t in truth]
     guessed = [p for _, _, p in predictions]
-    text = await until(
+    text = await scrape_until(
         sidecar, lambda t: value(t, "ml_labelled_rows", window="20000_rows") == 10_000
     )
     assert_matches_reference(text, names, guessed, "20000_rows")
@@ -239,7 +229,9 @@ async def test_labels_still_match_after_a_restart(
         for index, (request_id, row, _) in enumerate(predictions)
     ]
     assert (await post_shuffled(second, items, rng))["matched"] == 2_000
-    text = await until(second, lambda t: value(t, "ml_labelled_rows", window="20000_rows") == 2_000)
+    text = await scrape_until(
+        second, lambda t: value(t, "ml_labelled_rows", window="20000_rows") == 2_000
+    )
     names = [CLASSES[t] for t in truth]
     assert_matches_reference(text, names, [p for _, _, p in predictions], "20000_rows")
 
@@ -289,7 +281,7 @@ async def test_duplicate_labels_replace_the_earlier_ones(
 
     names, guessed = [CLASSES[t] for t in truth], [p for _, _, p in predictions]
     expected = reference_scores(names, guessed)
-    text = await until(
+    text = await scrape_until(
         sidecar,
         lambda t: (
             value(t, "ml_accuracy", window="20000_rows")
@@ -342,7 +334,7 @@ async def test_feedback_and_traffic_at_the_same_time(
     assert status == 200
     assert counts["matched"] == posted["unmatched"]
     assert counts["duplicate"] == posted["matched"]
-    text = await until(
+    text = await scrape_until(
         sidecar, lambda t: value(t, "ml_labelled_rows", window="20000_rows") == 3_000
     )
     order = sorted(done)

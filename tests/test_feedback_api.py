@@ -12,14 +12,13 @@ import pytest
 
 from sidecar.config import FeedbackSettings, load
 from sidecar.recorders.feedback import MAX_ITEMS
-from tests.conftest import StartSidecar, scrape
+from tests.conftest import StartSidecar, scrape, scrape_until
 from tests.test_feedback import (
     iris_rows,
     iris_settings,
     logged,
     post_feedback,
     predict,
-    until,
     value,
 )
 
@@ -118,7 +117,7 @@ async def test_without_a_store_feedback_is_503_and_metrics_still_count(
 
 
 async def logged_cbpe(sidecar: Any, rows: int) -> str:
-    return await until(sidecar, lambda t: value(t, "ml_expected_correct_rows_total") >= rows)
+    return await scrape_until(sidecar, lambda t: value(t, "ml_expected_correct_rows_total") >= rows)
 
 
 async def test_a_store_that_cannot_open_leaves_the_proxy_serving(

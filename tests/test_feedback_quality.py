@@ -19,14 +19,13 @@ from sidecar.app import Sidecar
 from sidecar.config import FeedbackSettings, RouteConfig
 from sidecar.demo import serve_app
 from sidecar.extract.spec import MappingSpec
-from tests.conftest import StartSidecar, scrape
+from tests.conftest import StartSidecar, scrape, scrape_until
 from tests.test_feedback import (
     assert_matches_reference,
     logged,
     post_feedback,
     post_shuffled,
     reference_scores,
-    until,
     value,
 )
 
@@ -86,10 +85,19 @@ def calibrated(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 async def cbpe_estimate(sidecar: Sidecar) -> float:
-    text = await until(sidecar, lambda t: value(t, "ml_expected_correct_rows_total") == ROWS)
+    text = await scrape_until(sidecar, lambda t: value(t, "ml_expected_correct_rows_total") == ROWS)
     labels = {"model_name": "synthetic"}
     expected = value(text, "ml_expected_correct_total", **labels)
     return expected / value(text, "ml_expected_correct_rows_total", **labels)
+
+
+# Echoed rows carry a region (a segment) and their probabilities.
+REGION_MAPPING = MappingSpec(
+    features="instances",
+    feature_names=("region",),
+    probabilities="predictions",
+    class_names=CLASSES,
+)
 
 
 async def test_cbpe_is_within_002_of_accuracy_when_calibrated(
@@ -97,13 +105,7 @@ async def test_cbpe_is_within_002_of_accuracy_when_calibrated(
 ):
     """On a calibrated classifier, expected accuracy from confidences is within 0.02 of the true
     accuracy over 10,000 rows, and of what the labels, once posted, say; per region as well."""
-    mapping = MappingSpec(
-        features="instances",
-        feature_names=("region",),
-        probabilities="predictions",
-        class_names=CLASSES,
-    )
-    sidecar = await start_sidecar(echo_model, **echo_settings(tmp_path / "l.db", mapping))
+    sidecar = await start_sidecar(echo_model, **echo_settings(tmp_path / "l.db", REGION_MAPPING))
     probabilities, labels = calibrated(seed=11)
     pick = random.Random(13)
     regions = [[pick.choice(REGIONS)] for _ in range(ROWS)]
@@ -121,7 +123,7 @@ async def test_cbpe_is_within_002_of_accuracy_when_calibrated(
     ]
     assert (await post_shuffled(sidecar, items, random.Random(12)))["matched"] == ROWS
     window = f"{ROWS}_rows"
-    text = await until(
+    text = await scrape_until(
         sidecar, lambda t: value(t, "ml_labelled_rows", window=window, segment="") == ROWS
     )
     names = [CLASSES[k] for k in labels]
@@ -142,13 +144,7 @@ async def test_cbpe_overestimates_an_overconfident_classifier(
 ):
     """The documented caveat: sharpen the same probabilities (same predictions, same accuracy,
     higher confidence) and the estimate overshoots the true accuracy by far more than 0.02."""
-    mapping = MappingSpec(
-        features="instances",
-        feature_names=("region",),
-        probabilities="predictions",
-        class_names=CLASSES,
-    )
-    sidecar = await start_sidecar(echo_model, **echo_settings(tmp_path / "l.db", mapping))
+    sidecar = await start_sidecar(echo_model, **echo_settings(tmp_path / "l.db", REGION_MAPPING))
     probabilities, labels = calibrated(seed=11)
     sharpened = probabilities**4
     sharpened /= sharpened.sum(axis=1, keepdims=True)
@@ -178,7 +174,7 @@ async def test_regression_mae_and_rmse_overall_and_per_segment(
         for i in range(2_000)
     ]
     assert (await post_shuffled(sidecar, items, random.Random(22)))["matched"] == 2_000
-    text = await until(sidecar, lambda t: value(t, "ml_labelled_rows", segment="") == 2_000)
+    text = await scrape_until(sidecar, lambda t: value(t, "ml_labelled_rows", segment="") == 2_000)
     errors = values - labels
     for segment in ("", *REGIONS):
         rows = [i for i in range(2_000) if segment in ("", regions[i])]

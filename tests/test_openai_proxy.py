@@ -18,7 +18,7 @@ from sidecar.config import FeatureRule, RouteConfig
 from sidecar.extract import MappingSpec
 from sidecar.extract.types import Generation
 from sidecar.recorders.llm import LlmRecorder
-from tests.conftest import StartSidecar, sample, scrape
+from tests.conftest import StartSidecar, sample, settled
 
 MODEL = "tiny-llm"
 PROMPT = "Which iris species has the smallest petals?"
@@ -191,17 +191,6 @@ async def post(sidecar: Sidecar, path: str, body: dict[str, Any]) -> tuple[int, 
         session.post(sidecar.proxy_url + path, json=body) as response,
     ):
         return response.status, await response.read()
-
-
-async def settled(sidecar: Sidecar, name: str, expected: float, **labels: str) -> str:
-    """Scrape until a sample reaches its value: payloads are recorded after the reply."""
-    text = ""
-    for _ in range(200):
-        text = await scrape(sidecar)
-        if sample(text, name, **labels) == expected:
-            break
-        await asyncio.sleep(0.02)
-    return text
 
 
 LLM = {"model_name": MODEL, "route": "chat-completions"}

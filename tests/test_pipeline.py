@@ -18,18 +18,7 @@ from sidecar.demo import CLASSES
 from sidecar.exchange import Exchange
 from sidecar.extract.spec import MappingSpec
 from sidecar.pipeline import Pipeline
-from tests.conftest import StartSidecar, sample, scrape
-
-
-async def settled(sidecar: Sidecar, name: str, expected: float, **labels: str) -> str:
-    """Scrape until a sample reaches its expected value: payloads are recorded after the reply."""
-    text = ""
-    for _ in range(100):
-        text = await scrape(sidecar)
-        if sample(text, name, **labels) == expected:
-            return text
-        await asyncio.sleep(0.02)
-    return text
+from tests.conftest import StartSidecar, sample, scrape, settled
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, bytes]:
@@ -39,26 +28,35 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[i
         return response.status, await response.read()
 
 
+IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [7.0, 3.2, 4.7, 1.4], [6.3, 3.3, 6.0, 2.5], [6.0, 2.9, 4.5, 1.5]]
+
+
+async def classes_counted(sidecar: Sidecar, answers: list[tuple[int, bytes]]) -> tuple[str, int]:
+    """Check that ml_predictions_total per class equals what the 200 answers returned; the
+    scrape and the number of rows returned."""
+    returned: Counter[str] = Counter()
+    for status, answer in answers:
+        assert status == 200
+        for probabilities in json.loads(answer)["predictions"]:
+            returned[CLASSES[probabilities.index(max(probabilities))]] += 1
+    total = sum(returned.values())
+    text = await settled(sidecar, "ml_prediction_confidence_count", total, model_name="iris")
+    for name, count in returned.items():
+        assert sample(text, "ml_predictions_total", model_name="iris", **{"class": name}) == count
+    return text, total
+
+
 async def test_kserve_preset_counts_every_returned_class(toy_model, start_sidecar: StartSidecar):
     """ml_predictions_total per class equals the classes the model actually returned."""
     sidecar = await start_sidecar(
         toy_model, preset="kserve-v1", mapping=MappingSpec(class_names=CLASSES)
     )
-    returned: Counter[str] = Counter()
-    rows = [[5.1, 3.5, 1.4, 0.2], [7.0, 3.2, 4.7, 1.4], [6.3, 3.3, 6.0, 2.5], [6.0, 2.9, 4.5, 1.5]]
+    answers = []
     async with aiohttp.ClientSession() as session:
         for size in (1, 2, 3, 4, 4, 2):
-            body = json.dumps({"instances": rows[:size]}).encode()
-            status, answer = await post(
-                session, f"{sidecar.proxy_url}/v1/models/iris:predict", body
-            )
-            assert status == 200
-            for probabilities in json.loads(answer)["predictions"]:
-                returned[CLASSES[probabilities.index(max(probabilities))]] += 1
-    total = sum(returned.values())
-    text = await settled(sidecar, "ml_prediction_confidence_count", total, model_name="iris")
-    for name, count in returned.items():
-        assert sample(text, "ml_predictions_total", model_name="iris", **{"class": name}) == count
+            body = json.dumps({"instances": IRIS_ROWS[:size]}).encode()
+            answers.append(await post(session, f"{sidecar.proxy_url}/v1/models/iris:predict", body))
+    text, total = await classes_counted(sidecar, answers)
     assert sample(text, "ml_batch_size_sum", route="predict", model_name="iris") == total
     assert sample(text, "ml_requests_total", route="predict", code="200", model_name="iris") == 6
 
@@ -207,25 +205,16 @@ async def test_concurrent_requests_are_counted_exactly(toy_model, start_sidecar:
     sidecar = await start_sidecar(
         toy_model, preset="kserve-v1", mapping=MappingSpec(class_names=CLASSES)
     )
-    rows = [[5.1, 3.5, 1.4, 0.2], [7.0, 3.2, 4.7, 1.4], [6.3, 3.3, 6.0, 2.5], [6.0, 2.9, 4.5, 1.5]]
-    sizes = [1 + i % 3 for i in range(300)]
-    returned: Counter[str] = Counter()
+    sizes = [2 + i % 3 for i in range(300)]
     url = f"{sidecar.proxy_url}/v1/models/iris:predict"
     async with aiohttp.ClientSession() as session:
         answers = await asyncio.gather(
             *(
-                post(session, url, json.dumps({"instances": rows[: size + 1]}).encode())
+                post(session, url, json.dumps({"instances": IRIS_ROWS[:size]}).encode())
                 for size in sizes
             )
         )
-    for status, answer in answers:
-        assert status == 200
-        for probabilities in json.loads(answer)["predictions"]:
-            returned[CLASSES[probabilities.index(max(probabilities))]] += 1
-    total = sum(returned.values())
-    text = await settled(sidecar, "ml_prediction_confidence_count", total, model_name="iris")
-    for name, count in returned.items():
-        assert sample(text, "ml_predictions_total", model_name="iris", **{"class": name}) == count
+    text, total = await classes_counted(sidecar, answers)
     assert sample(text, "ml_batch_size_count", route="predict", model_name="iris") == len(sizes)
     assert sample(text, "ml_batch_size_sum", route="predict", model_name="iris") == total
     assert sample(text, "ml_requests_total", route="predict", code="200") == len(sizes)

@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from tests.conftest import free_port, sample, scrape
+from tests.conftest import free_port, sample, scrape, settled
 
 
 async def test_upstream_down_gives_502_json(client, start_sidecar):
@@ -60,10 +60,6 @@ async def test_client_hanging_up_mid_stream_cancels_upstream(canned_upstream, si
         assert await response.content.readuntil(b"\n\n") == b"data: first\n\n"
         response.close()  # hang up without reading the rest
     await asyncio.wait_for(canned_upstream.stream_abandoned.wait(), timeout=10)
-    for _ in range(100):
-        text = await scrape(sidecar)
-        if sample(text, "ml_errors_total", error_type="client_disconnect") == 1:
-            break
-        await asyncio.sleep(0.02)
+    text = await settled(sidecar, "ml_errors_total", 1, error_type="client_disconnect")
     assert sample(text, "ml_errors_total", error_type="client_disconnect") == 1
     assert sample(text, "ml_requests_in_progress") == 0

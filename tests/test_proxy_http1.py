@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from sidecar.app import Sidecar
 from sidecar.config import Config
 from sidecar.proxy.http1 import Http1Server, HttpConnection, Request
-from tests.conftest import CannedUpstream, sample, scrape
+from tests.conftest import CannedUpstream, sample, scrape, settled
 
 Response = tuple[bytes, list[tuple[bytes, bytes]], bytes]
 
@@ -296,11 +296,7 @@ async def test_client_hanging_up_before_the_answer_is_a_499(canned_upstream, sid
     writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
     await asyncio.wait_for(canned_upstream.slow_started.wait(), timeout=10)
     writer.close()
-    for _ in range(200):
-        text = await scrape(sidecar)
-        if sample(text, "ml_errors_total", error_type="client_disconnect") == 1:
-            break
-        await asyncio.sleep(0.02)
+    text = await settled(sidecar, "ml_errors_total", 1, error_type="client_disconnect")
     assert sample(text, "ml_requests_total", code="499") == 1
     assert sample(text, "ml_requests_in_progress") == 0
 
@@ -314,11 +310,7 @@ async def test_client_leaving_mid_upload_is_a_client_disconnect(canned_upstream,
     await writer.drain()
     await asyncio.sleep(0.2)  # the upload is under way upstream
     writer.close()
-    for _ in range(200):
-        text = await scrape(sidecar)
-        if sample(text, "ml_requests_in_progress") == 0:
-            break
-        await asyncio.sleep(0.02)
+    text = await settled(sidecar, "ml_requests_in_progress", 0)
     assert sample(text, "ml_errors_total", error_type="client_disconnect") == 1
     assert sample(text, "ml_requests_total", code="502") is None
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import ParamSpec
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.metrics_core import Metric
@@ -15,7 +16,7 @@ from prometheus_client.registry import Collector
 from sidecar import __version__
 from sidecar.config import Config
 from sidecar.exchange import Exchange
-from sidecar.extract.batch import BatchReader
+from sidecar.extract.batch import Merged
 from sidecar.extract.presets import PRESETS
 from sidecar.extract.types import Extraction, Message
 from sidecar.logs import RateLimitedLog
@@ -30,13 +31,14 @@ from sidecar.recorders.red import MODEL_LABELS, RedRecorder
 from sidecar.routes import Route, RouteTable
 
 log = logging.getLogger(__name__)
+_P = ParamSpec("_P")
 
 # Ended exchanges wait at most this long (seconds) to be recorded, or until this many are waiting.
 DRAIN_DELAY = 0.005
 DRAIN_NOW = 256
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # one per route and model: hashed by identity
 class Ticket:
     route: Route
     model: tuple[str, str]
@@ -157,69 +159,57 @@ class Pipeline:
         self._drain_handle = None
         pending, self._pending = self._pending, []
         self._queued_payloads = 0
-        groups: dict[tuple[int, tuple[str, str]], list[tuple[Ticket, Exchange, bool]]] = {}
-        for item in pending:
-            groups.setdefault((id(item[0].route), item[0].model), []).append(item)
-        for items in groups.values():
-            ticket = items[0][0]
+        # Tickets are shared by the exchanges of one route and model (see begin()).
+        groups: dict[Ticket, list[tuple[Exchange, bool]]] = {}
+        for ticket, exchange, wanted in pending:
+            groups.setdefault(ticket, []).append((exchange, wanted))
+        for ticket, items in groups.items():
             try:
-                self._red.record_many(ticket.model, ticket.route.name, [item[1] for item in items])
+                self._red.record_many(ticket.model, ticket.route.name, [e for e, _ in items])
             except Exception:  # instrumentation never fails a request
                 self._complaints.warning("record", "recording requests failed", exc_info=True)
-            payloads = [(ticket, exchange) for ticket, exchange, wanted in items if wanted]
+            payloads = [exchange for exchange, wanted in items if wanted]
             if payloads:
-                self._observe_payloads(ticket.route, ticket.model, payloads)
+                self._observe_payloads(ticket, payloads)
 
-    def _observe_payloads(
-        self, route: Route, model: tuple[str, str], items: list[tuple[Ticket, Exchange]]
-    ) -> None:
+    def _observe_payloads(self, ticket: Ticket, exchanges: list[Exchange]) -> None:
         """Read the payloads of one route's exchanges: together where the route's plan can
         (sidecar.extract.batch), one by one otherwise."""
-        alone = items
-        if route.batch is not None and len(items) > 1:
-            try:
-                alone = self._observe_merged(route.batch, route.name, model, items)
-            except Exception:  # a recorder bug must not stop the others
-                self._complaints.warning("extract", "payload recording failed", exc_info=True)
-                return
-        for ticket, exchange in alone:
-            try:
-                self._observe_payload(ticket, exchange)
-            except Exception:
-                self._complaints.warning("extract", "payload recording failed", exc_info=True)
+        read_many = ticket.route.batch
+        if read_many is None or len(exchanges) < 2:
+            for exchange in exchanges:
+                self._guarded(self._observe_payload, ticket, exchange)
+            return
+        readable = [(e, m) for e in exchanges if (m := _messages(e)) is not None]
+        try:
+            batch = read_many([messages for _, messages in readable])
+        except Exception:  # a reader bug must not stop the recorders
+            self._complaints.warning("extract", "payload recording failed", exc_info=True)
+            return
+        if batch.merged is not None:
+            members = [readable[position][0] for position in batch.merged.members]
+            self._guarded(self._record_merged, ticket, batch.merged, members)
+        for position, extraction in batch.alone:
+            self._guarded(self._record, ticket, readable[position][0], extraction)
 
-    def _observe_merged(
-        self,
-        read: BatchReader,
-        route: str,
-        model: tuple[str, str],
-        items: list[tuple[Ticket, Exchange]],
-    ) -> list[tuple[Ticket, Exchange]]:
-        """Record the exchanges that `read` merges; return the others."""
-        readable: list[Exchange] = []
-        pairs: list[tuple[Message, Message]] = []
-        for _, exchange in items:
-            messages = _messages(exchange)
-            if messages is not None:
-                readable.append(exchange)
-                pairs.append(messages)
-        merged = read(pairs)
-        if merged is None:
-            return items
+    def _guarded(self, record: Callable[_P, None], *args: _P.args, **kwargs: _P.kwargs) -> None:
+        try:
+            record(*args, **kwargs)
+        except Exception:  # a recorder bug must not stop the others
+            self._complaints.warning("extract", "payload recording failed", exc_info=True)
+
+    def _record_merged(self, ticket: Ticket, merged: Merged, members: list[Exchange]) -> None:
         extraction = merged.extraction
-        members = [readable[position] for position in merged.members]
-        self._outputs.record(model, route, extraction.outputs, merged.row_counts)
+        self._outputs.record(ticket.model, ticket.route.name, extraction.outputs, merged.row_counts)
         self.feedback.record_merged(
-            model,
+            ticket.model,
             extraction,
             [
                 (exchange.request_id, exchange.total_seconds, rows)
                 for exchange, rows in zip(members, merged.row_counts, strict=True)
             ],
         )
-        self._record_features(model, extraction)
-        taken = {id(exchange) for exchange in members}
-        return [item for item in items if id(item[1]) not in taken]
+        self._record_features(ticket.model, extraction)
 
     def _observe_payload(self, ticket: Ticket, exchange: Exchange) -> None:
         if exchange.error is not None:  # an LLM call cut short (see end())
@@ -227,9 +217,11 @@ class Pipeline:
             return
         extractor = ticket.route.extractor
         messages = _messages(exchange)
-        if extractor is None or messages is None:
-            return
-        extraction = extractor(*messages)
+        if extractor is not None and messages is not None:
+            self._record(ticket, exchange, extractor(*messages))
+
+    def _record(self, ticket: Ticket, exchange: Exchange, extraction: Extraction) -> None:
+        """Record what one exchange yielded."""
         for failure in extraction.errors:
             self._red.count_error(ticket.model, ticket.route.name, failure)
             self._complaints.warning(

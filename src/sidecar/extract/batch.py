@@ -8,8 +8,8 @@ rows of all of them as one list makes that cost per batch instead of per request
 The result must be what reading each exchange alone gives, concatenated. So only bodies whose rows
 sit in a plain list are merged (Rows says where), only when the merged outputs come from the
 vectorised paths, where every row is read on its own, and only exchanges whose every feature cell
-is a number. Anything else (a null, a string, ragged rows, a parse error) is left to the route's
-one-exchange extractor.
+is a number. Anything else (a null, a string, ragged rows, a parse error) is read alone by the
+plan's own readers, from the bodies already decoded: each body is parsed once either way.
 """
 
 from __future__ import annotations
@@ -22,11 +22,17 @@ import numpy as np
 from numpy.typing import NDArray
 
 from sidecar.extract.body import Parsed
-from sidecar.extract.errors import BodyError
-from sidecar.extract.plan import BAD_PAYLOAD, Decoder, Plan, Rows
+from sidecar.extract.plan import (
+    BAD_PAYLOAD,
+    Decoding,
+    Plan,
+    Rows,
+    assemble_decoded,
+    decode_body,
+)
 from sidecar.extract.types import Extraction, FeatureTable, Message, Outputs
 
-__all__ = ["MAX_MERGED_ROWS", "BatchReader", "Merged", "batch_reader"]
+__all__ = ["MAX_MERGED_ROWS", "Batch", "BatchReader", "Merged", "batch_reader"]
 
 # Exchanges this large are read alone: their own numpy work already amortises the set-up.
 MAX_MERGED_ROWS = 64
@@ -42,8 +48,17 @@ class Merged:
     row_counts: list[int]
 
 
-BatchReader = Callable[[Sequence[tuple[Message, Message]]], Merged | None]
-"""(request, response) pairs of one route -> the ones it could merge, or None if fewer than two."""
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What a batch reader made of its exchanges: those it merged, and each of the others read
+    alone as (position, extraction). Every body was decoded once."""
+
+    merged: Merged | None
+    alone: list[tuple[int, Extraction]]
+
+
+BatchReader = Callable[[Sequence[tuple[Message, Message]]], Batch]
+"""(request, response) pairs of one route -> every one of them read, merged where possible."""
 
 
 def batch_reader(plan: Plan) -> BatchReader | None:
@@ -51,46 +66,50 @@ def batch_reader(plan: Plan) -> BatchReader | None:
     rows = plan.rows
     if rows is None or plan.extractor is not None:
         return None
+    read_alone = assemble_decoded(plan)
     decode_request, decode_response = plan.decode_request, plan.decode_response
 
-    def read(pairs: Sequence[tuple[Message, Message]]) -> Merged | None:
-        request_rows: list[Any] = []
-        response_rows: list[Any] = []
-        members: list[int] = []
-        counts: list[int] = []
-        check_booleans = False
-        for position, (request, response) in enumerate(pairs):
-            features = _rows(request, decode_request, rows.features)
-            if features is None:
-                continue
-            outputs = _rows(response, decode_response, rows.outputs)
-            found = len(features[0])
-            if outputs is None or len(outputs[0]) != found or found > MAX_MERGED_ROWS:
-                continue
-            request_rows += features[0]
-            response_rows += outputs[0]
-            check_booleans = check_booleans or features[1]
-            members.append(position)
-            counts.append(found)
-        if len(members) < 2:
-            return None
-        return _read(rows, request_rows, response_rows, check_booleans, members, counts)
+    def read(pairs: Sequence[tuple[Message, Message]]) -> Batch:
+        decoded = [
+            (decode_body(request, decode_request), decode_body(response, decode_response))
+            for request, response in pairs
+        ]
+        merged = _merge(rows, decoded)
+        taken = set(merged.members) if merged is not None else set()
+        alone = [
+            (position, read_alone(request, response))
+            for position, (request, response) in enumerate(decoded)
+            if position not in taken
+        ]
+        return Batch(merged, alone)
 
     return read
 
 
-def _rows(
-    message: Message, decoder: Decoder, find: Callable[[Any], list[Any] | None]
-) -> tuple[list[Any], bool] | None:
-    """The body's rows and whether it may hold booleans; None if it has no plain row list."""
-    try:
-        parsed = decoder(message)
-    except BodyError:
+def _merge(rows: Rows, decoded: list[tuple[Decoding, Decoding]]) -> Merged | None:
+    """The exchanges whose rows read as one table and one set of outputs, if two or more do."""
+    request_rows: list[Any] = []
+    response_rows: list[Any] = []
+    members: list[int] = []
+    counts: list[int] = []
+    check_booleans = False
+    for position, (request, response) in enumerate(decoded):
+        if not isinstance(request, Parsed) or not isinstance(response, Parsed):
+            continue
+        features, outputs = rows.features(request.value), rows.outputs(response.value)
+        if features is None or outputs is None:
+            continue
+        found = len(features)
+        if len(outputs) != found or found > MAX_MERGED_ROWS:
+            continue
+        request_rows += features
+        response_rows += outputs
+        check_booleans = check_booleans or request.may_hold_booleans
+        members.append(position)
+        counts.append(found)
+    if len(members) < 2:
         return None
-    if not isinstance(parsed, Parsed):
-        return None
-    found = find(parsed.value)
-    return None if found is None else (found, parsed.may_hold_booleans)
+    return _read(rows, request_rows, response_rows, check_booleans, members, counts)
 
 
 def _read(

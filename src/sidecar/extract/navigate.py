@@ -6,7 +6,15 @@ from typing import Any
 
 from sidecar.extract.errors import MappingError
 
-__all__ = ["member", "non_empty_list", "row_list", "rows_at", "single_tensor_rows", "text"]
+__all__ = [
+    "list_at",
+    "member",
+    "non_empty_list",
+    "row_list",
+    "rows_at",
+    "single_tensor_rows",
+    "text",
+]
 
 
 def member(value: Any, key: str) -> Any:
@@ -54,6 +62,11 @@ def row_list(value: Any) -> list[Any] | None:
 def non_empty_list(value: Any) -> list[Any] | None:
     """`value` if it is a non-empty list, else None."""
     return value if isinstance(value, list) and value else None
+
+
+def list_at(value: Any, key: str) -> list[Any] | None:
+    """`value[key]` if `value` is an object holding a non-empty list there, else None."""
+    return non_empty_list(value.get(key)) if isinstance(value, dict) else None
 
 
 def single_tensor_rows(tensors: Any, max_rows: int) -> list[Any] | None:

@@ -14,7 +14,9 @@ from sidecar.extract.types import ErrorType, Extraction, Extractor, FeatureTable
 
 __all__ = [
     "BAD_PAYLOAD",
+    "DecodedExtractor",
     "Decoder",
+    "Decoding",
     "FeatureReader",
     "OutputReader",
     "Plan",
@@ -23,6 +25,8 @@ __all__ = [
     "TextReader",
     "Vocabulary",
     "assemble",
+    "assemble_decoded",
+    "decode_body",
 ]
 
 FeatureReader = Callable[[Parsed], FeatureTable | None]
@@ -115,23 +119,53 @@ class Plan:
         )
 
 
+Decoding = Parsed | BodyError | None
+"""One body, decoded once: its JSON, why it is not JSON, or None (nothing to parse)."""
+
+DecodedExtractor = Callable[[Decoding, Decoding], Extraction]
+"""extract(request, response) on bodies already decoded; never raises on bad payloads."""
+
+
+def decode_body(message: Message, decoder: Decoder) -> Decoding:
+    try:
+        decoded = decoder(message)
+    except BodyError as exc:
+        return exc
+    return decoded if isinstance(decoded, Parsed) else None
+
+
 def assemble(plan: Plan) -> Extractor:
     """The per-request function. A side with no readers is never parsed."""
     if plan.extractor is not None:
         return plan.extractor
-    read_features, read_outputs = plan.features, plan.outputs
-    read_name, read_version = plan.model_name, plan.model_version
+    read = assemble_decoded(plan)
+    reads_request, reads_response = plan.features is not None, _reads_response(plan)
     decode_request, decode_response = plan.decode_request, plan.decode_response
-    reads_response = any(r is not None for r in (read_outputs, read_name, read_version))
 
     def extract(request: Message, response: Message) -> Extraction:
+        return read(
+            decode_body(request, decode_request) if reads_request else None,
+            decode_body(response, decode_response) if reads_response else None,
+        )
+
+    return extract
+
+
+def assemble_decoded(plan: Plan) -> DecodedExtractor:
+    """The plan's readers applied to bodies decoded once (see `assemble`, and the batch reader,
+    which decodes every body of a batch before it knows which ones it can merge)."""
+    read_features, read_outputs = plan.features, plan.outputs
+    read_name, read_version = plan.model_name, plan.model_version
+    reads_response = _reads_response(plan)
+
+    def extract(request: Decoding, response: Decoding) -> Extraction:
         errors: list[ErrorType] = []
         features = None
         if read_features is not None:
-            features = _request_side(request, decode_request, read_features, errors)
+            features = _request_side(request, read_features, errors)
         outputs, name, version = Outputs(), None, None
         if reads_response:
-            parsed = _parse(response, decode_response, "response_parse", errors)
+            parsed = _parsed(response, "response_parse", errors)
             if parsed is not None:
                 outputs = _guarded(read_outputs, parsed.value, errors) or Outputs()
                 name = _guarded(read_name, parsed.value, errors)
@@ -141,10 +175,14 @@ def assemble(plan: Plan) -> Extractor:
     return extract
 
 
+def _reads_response(plan: Plan) -> bool:
+    return any(r is not None for r in (plan.outputs, plan.model_name, plan.model_version))
+
+
 def _request_side(
-    message: Message, decoder: Decoder, reader: FeatureReader, errors: list[ErrorType]
+    request: Decoding, reader: FeatureReader, errors: list[ErrorType]
 ) -> FeatureTable | None:
-    parsed = _parse(message, decoder, "request_parse", errors)
+    parsed = _parsed(request, "request_parse", errors)
     if parsed is None:
         return None
     try:
@@ -154,15 +192,12 @@ def _request_side(
         return None
 
 
-def _parse(
-    message: Message, decoder: Decoder, error: ErrorType, errors: list[ErrorType]
-) -> Parsed | None:
-    try:
-        parsed = decoder(message)
-    except BodyError:
+def _parsed(decoding: Decoding, error: ErrorType, errors: list[ErrorType]) -> Parsed | None:
+    """The parsed body, or None (noting `error` when the body was not JSON)."""
+    if isinstance(decoding, BodyError):
         errors.append(error)
         return None
-    return parsed if isinstance(parsed, Parsed) else None
+    return decoding
 
 
 def _guarded(reader: Callable[[Any], _T] | None, value: Any, errors: list[ErrorType]) -> _T | None:

@@ -240,10 +240,7 @@ class FeedbackRecorder:
         self, model: tuple[str, str], request_id: str, extraction: Extraction, seconds: float
     ) -> None:
         """Count the expected-correct sum and queue the rows for the log. On the event loop."""
-        self._count_expected(model, extraction.outputs)
-        count = _row_count(extraction)
-        if count:
-            self._submit(model, request_id, extraction.outputs, extraction.features, seconds, count)
+        self.record_merged(model, extraction, [(request_id, seconds, _row_count(extraction))])
 
     def record_merged(
         self,
@@ -260,14 +257,15 @@ class FeedbackRecorder:
         for request_id, seconds, rows in members:
             stop = start + rows
             features = extraction.features
-            self._submit(
-                model,
-                request_id,
-                extraction.outputs.rows(start, stop),
-                None if features is None else features.rows(start, stop),
-                seconds,
-                rows,
-            )
+            if rows:
+                self._submit(
+                    model,
+                    request_id,
+                    extraction.outputs.rows(start, stop),
+                    None if features is None else features.rows(start, stop),
+                    seconds,
+                    rows,
+                )
             start = stop
 
     def _count_expected(self, model: tuple[str, str], outputs: Outputs) -> None:

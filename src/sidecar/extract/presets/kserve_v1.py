@@ -6,7 +6,7 @@ from typing import Any
 
 from sidecar.extract.body import Parsed
 from sidecar.extract.errors import MappingError
-from sidecar.extract.navigate import member, non_empty_list, rows_at
+from sidecar.extract.navigate import list_at, member, rows_at
 from sidecar.extract.plan import Plan, Rows, Vocabulary
 from sidecar.extract.predictions import read_predictions
 from sidecar.extract.presets.base import Preset, PresetRoute
@@ -36,7 +36,7 @@ def make_plan(vocabulary: Vocabulary) -> Plan:
         return rows_at(body, _LAYOUTS)
 
     def prediction_rows(body: Any) -> list[Any] | None:
-        return non_empty_list(body.get("predictions")) if isinstance(body, dict) else None
+        return list_at(body, "predictions")
 
     rows = Rows.common(vocabulary, feature_rows, prediction_rows)
     return Plan(features=features, outputs=outputs, rows=rows)
