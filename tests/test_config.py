@@ -36,6 +36,7 @@ def test_environment_alone_is_enough():
     )
     assert (config.upstream, config.port, config.metrics_port) == ("http://model:8080", 8080, 8081)
     assert config.upstream_timeout == 2.5
+    assert config.client_send_timeout == 60.0
 
 
 @pytest.mark.parametrize(
@@ -47,6 +48,12 @@ def test_environment_alone_is_enough():
         ("upstream: ftp://x\n", "upstream 'ftp://x' must be an http:// or https:// URL"),
         (UPSTREAM + "metrics_port: 70000\n", "metrics_port must be a TCP port between 0 and 65535"),
         (UPSTREAM + "log_level: loud\n", "key `log_level` has value 'loud'; expected one of"),
+        (
+            UPSTREAM + "client_send_timeout: 0\n",
+            "key `client_send_timeout` has value 0; client_send_timeout must be a positive number "
+            "of seconds, got 0",
+        ),
+        (UPSTREAM + "upstream_timeout: .nan\n", "upstream_timeout must be a positive number"),
         (UPSTREAM + "routes:\n  - name: a\n    path: nope\n", "path 'nope' must start with '/'"),
         (
             UPSTREAM + "routes:\n  - name: a\n    path: /a\n    mapping: {class: 'x[*'}\n",

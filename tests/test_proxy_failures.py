@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 
 import aiohttp
 import pytest
 
-from tests.conftest import free_port, sample, scrape, settled
+from tests.conftest import BIG, free_port, sample, scrape, settled
 
 
 async def test_upstream_down_gives_502_json(client, start_sidecar):
@@ -63,3 +65,26 @@ async def test_client_hanging_up_mid_stream_cancels_upstream(canned_upstream, si
     text = await settled(sidecar, "ml_errors_total", 1, error_type="client_disconnect")
     assert sample(text, "ml_errors_total", error_type="client_disconnect") == 1
     assert sample(text, "ml_requests_in_progress") == 0
+
+
+async def test_client_that_stops_reading_is_cut_off_after_the_send_timeout(
+    canned_upstream, start_sidecar
+):
+    """A client that takes no reply bytes for client_send_timeout: its connection is cut and
+    the upstream request dropped, as if it had hung up, instead of waiting for it for ever."""
+    sidecar = await start_sidecar(canned_upstream.url, client_send_timeout=0.2)
+    host, port = sidecar.proxy_url.removeprefix("http://").rsplit(":", 1)
+    loop = asyncio.get_running_loop()
+    with socket.socket() as sock:
+        # Set before connecting, so that the window it advertises is small from the start.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (host, int(port)))
+        await loop.sock_sendall(sock, b"GET /bytes/%d HTTP/1.1\r\nHost: x\r\n\r\n" % BIG)
+        text = await settled(sidecar, "ml_errors_total", 1, error_type="client_disconnect")
+        assert sample(text, "ml_requests_in_progress") == 0
+        received = 0
+        with contextlib.suppress(ConnectionResetError):  # what was queued, then EOF (or RST)
+            while chunk := await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), timeout=10):
+                received += len(chunk)
+    assert received < BIG

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -238,6 +239,99 @@ async def test_informational_replies_from_the_upstream_are_skipped(raw_upstream,
     writer.close()
 
 
+StartClosing = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+async def closing_upstream() -> AsyncIterator[StartClosing]:
+    """Start upstreams that answer each request with fixed bytes, then close the connection
+    (with a reset if asked): one connection per request, like an HTTP/1.0 server."""
+    servers: list[asyncio.Server] = []
+
+    async def start(answer: bytes, *, reset: bool = False) -> str:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    await reader.readexactly(int(line.split(b":")[1]))
+            writer.write(answer)
+            await writer.drain()
+            if reset:  # linger 0: close() sends RST instead of FIN
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        servers.append(server)
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+PREDICT = post("/v1/models/iris:predict", b'{"instances": [[1, 2]]}')
+PREDICTION = b'{"predictions":[1]}'
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.0 200 OK\r\nContent-Type: application/json",
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close",
+        # Chunked is not the last coding: the body still runs to the close (RFC 9112 6.3).
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: identity",
+    ],
+    ids=["http10", "connection-close", "not-chunked"],
+)
+async def test_close_delimited_reply_is_relayed_whole(closing_upstream, start_sidecar, head):
+    """A reply with neither length nor chunks ends where the upstream closes: the client gets it
+    whole and properly ended (chunked, or close-delimited to HTTP/1.0), its connection stays
+    usable, and the exchange is a success whose body the payload metrics read."""
+    url = await closing_upstream(head + b"\r\n\r\n" + PREDICTION)
+    sidecar = await start_sidecar(url, preset="kserve-v1")
+    reader, writer = await connect(sidecar.proxy_url)
+    for _ in range(2):  # the second on the same client connection, a new upstream one
+        writer.write(PREDICT)
+        status, headers, body = await read_response(reader)
+        assert (status, body) == (b"HTTP/1.1 200 OK", PREDICTION)
+        assert (b"Transfer-Encoding", b"chunked") in headers
+    writer.close()
+
+    reader, writer = await connect(sidecar.proxy_url)
+    writer.write(PREDICT.replace(b"HTTP/1.1", b"HTTP/1.0"))
+    _, headers, body = await read_response(reader)  # to EOF
+    assert body == PREDICTION
+    assert (b"Connection", b"close") in headers
+    writer.close()
+
+    text = await settled(sidecar, "ml_predictions_total", 3)
+    assert sample(text, "ml_requests_total", code="200") == 3
+    assert sample(text, "ml_errors_total") is None
+
+
+@pytest.mark.parametrize(
+    ("answer", "reset"),
+    [
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 100\r\n\r\nshort", False),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", False),
+        (b"HTTP/1.0 200 OK\r\n\r\n" + PREDICTION, True),
+    ],
+    ids=["length-then-close", "chunks-then-close", "no-length-then-reset"],
+)
+async def test_reply_cut_short_is_an_upstream_reset(closing_upstream, start_sidecar, answer, reset):
+    """A close before the length or the last chunk, or a reset, cuts the reply: the client's
+    body ends unfinished and the exchange counts as upstream_reset."""
+    sidecar = await start_sidecar(await closing_upstream(answer, reset=reset))
+    reader, writer = await connect(sidecar.proxy_url)
+    writer.write(PREDICT)
+    with pytest.raises(asyncio.IncompleteReadError):
+        await read_response(reader)
+    writer.close()
+    text = await settled(sidecar, "ml_errors_total", 1, error_type="upstream_reset")
+    assert sample(text, "ml_requests_total", code="200") == 1
+
+
 async def test_upstream_silent_mid_stream_times_out(canned_upstream, start_sidecar):
     """No bytes for upstream_timeout in the middle of a stream: the client's stream is cut and
     the upstream request dropped, counted as upstream_timeout."""
@@ -338,6 +432,29 @@ async def test_idle_connections_close_after_the_keepalive_timeout():
         writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await read_response(reader))[2] == b"hello /a"
         assert await closed(reader)
+        writer.close()
+    finally:
+        await server.stop(1.0)
+
+
+async def test_a_reply_the_client_never_reads_does_not_hold_the_connection():
+    """A whole reply written at once and never read: after send_timeout the connection is cut,
+    where closing it would wait for ever for the client to take the rest."""
+    body = b"x" * 20_000_000
+
+    async def large(request: Request, connection: HttpConnection) -> None:
+        headers = [(b"Content-Length", b"%d" % len(body))]
+        connection.send_head(200, b"OK", headers, len(body), body, end=True)
+
+    server = await start_server(large, keepalive_timeout=0.1, send_timeout=0.2)
+    try:
+        _, writer = await asyncio.open_connection(*server.address, limit=1024)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        for _ in range(500):
+            if not server.connections:
+                break
+            await asyncio.sleep(0.02)
+        assert not server.connections
         writer.close()
     finally:
         await server.stop(1.0)

@@ -122,7 +122,11 @@ class Sidecar:
             await self._probe.start()
         await pipeline.feedback.open()
 
-        self._proxy_server = Http1Server(handler, whole_body_limit=handler.whole_body_limit)
+        self._proxy_server = Http1Server(
+            handler,
+            whole_body_limit=handler.whole_body_limit,
+            send_timeout=config.client_send_timeout,
+        )
         await self._proxy_server.start(config.host, config.port, reuse_port=self._reuse_port)
         self.proxy_url = url_of(self._proxy_server.address)
 
@@ -235,9 +239,9 @@ async def watch_config(path: Path, interval: float, changed: Callable[[], None])
 # Read once at start-up: changing them needs a restart.
 RESTART_KEYS = (
     "upstream", "host", "port", "metrics_host", "metrics_port", "upstream_timeout",
-    "connect_timeout", "health_path", "health_interval", "drain_timeout", "shutdown_delay",
-    "model_name", "model_version", "framework", "max_body_bytes", "label_cap", "model_names",
-    "record_queue_size", "config_watch_interval", "workers", "feedback", "drift",
+    "connect_timeout", "client_send_timeout", "health_path", "health_interval", "drain_timeout",
+    "shutdown_delay", "model_name", "model_version", "framework", "max_body_bytes", "label_cap",
+    "model_names", "record_queue_size", "config_watch_interval", "workers", "feedback", "drift",
 )  # fmt: skip
 
 

@@ -109,6 +109,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     metrics_port: int = 8081
     upstream_timeout: float = 60.0
     connect_timeout: float = 5.0
+    client_send_timeout: float = 60.0
     health_path: str | None = None
     health_interval: float = 5.0
     drain_timeout: float = 30.0
@@ -144,8 +145,13 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
             if not 0 <= value <= 65535:
                 msg = f"{key} must be a TCP port between 0 and 65535, got {value}"
                 raise ValueError(msg)
-        for key in ("upstream_timeout", "connect_timeout", "health_interval"):
-            if getattr(self, key) <= 0:
+        for key in (
+            "upstream_timeout",
+            "connect_timeout",
+            "client_send_timeout",
+            "health_interval",
+        ):
+            if not getattr(self, key) > 0:  # NaN too: no timeout would ever fire
                 msg = f"{key} must be a positive number of seconds, got {getattr(self, key)}"
                 raise ValueError(msg)
         if self.health_path is not None and not self.health_path.startswith("/"):

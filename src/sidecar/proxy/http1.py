@@ -221,6 +221,8 @@ class HttpConnection(asyncio.Protocol):
         "_reading_paused",
         "_server",
         "_transport",
+        "_unsent",
+        "_unsent_since",
         "_url",
         "_worker",
         "_write_waiter",
@@ -262,6 +264,9 @@ class HttpConnection(asyncio.Protocol):
         self._body_full = False
         self._writing_paused = False
         self._write_waiter: asyncio.Future[None] | None = None
+        # What the transport held for the client at the last sweep, and since when.
+        self._unsent = 0
+        self._unsent_since = 0.0
 
     # asyncio.Protocol
 
@@ -589,17 +594,36 @@ class HttpConnection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
+    def stalled(self, now: float) -> float:
+        """For how long (seconds) bytes have waited for the client without it taking any; 0 if
+        none wait. Sampled by the server's sweep rather than counted on every write: a buffer
+        whose size changed since the last sweep counts as progress (once writing pauses, only
+        the client can change it)."""
+        transport = self._transport
+        unsent = 0 if transport is None or self._lost else transport.get_write_buffer_size()
+        if unsent != self._unsent:
+            self._unsent, self._unsent_since = unsent, now
+        return now - self._unsent_since if unsent else 0.0
+
 
 class Http1Server:
     """Listens on one address and serves each connection with an HttpConnection."""
 
     def __init__(
-        self, handler: Handler, *, whole_body_limit: int, keepalive_timeout: float = 75.0
+        self,
+        handler: Handler,
+        *,
+        whole_body_limit: int,
+        keepalive_timeout: float = 75.0,
+        send_timeout: float = 60.0,
     ) -> None:
         self.handler = handler
         # Bodies with a Content-Length up to this are read whole before the handler starts.
         self.whole_body_limit = whole_body_limit
         self.keepalive_timeout = keepalive_timeout  # idle connections close after this (seconds)
+        # A client that takes none of our bytes for this long is cut off (nginx's send_timeout):
+        # else its handler waits in drain() for ever, holding the upstream request.
+        self.send_timeout = send_timeout
         self.connections: set[HttpConnection] = set()
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -658,13 +682,20 @@ class Http1Server:
         return True
 
     async def _sweep(self) -> None:
-        """Close keep-alive connections idle for longer than keepalive_timeout. A sweep instead
-        of a timer per request: a request costs a clock read, not a timer to set and cancel."""
-        interval = max(self.keepalive_timeout / 4, 0.01)
+        """Close keep-alive connections idle for longer than keepalive_timeout, and cut those
+        whose client has taken no bytes for send_timeout. A sweep instead of timers per request:
+        a request costs a clock read, not a timer to set and cancel. A timeout fires up to a
+        quarter late."""
+        interval = max(min(self.keepalive_timeout, self.send_timeout) / 8, 0.01)
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
-            deadline = loop.time() - self.keepalive_timeout
+            now = loop.time()
+            deadline = now - self.keepalive_timeout
             for connection in list(self.connections):
                 if connection.idle and connection.idle_since < deadline:
                     connection.shutdown()
+                # Aborted, not closed: close() would wait for the buffer to drain, which it won't.
+                # Losing the connection cancels its handler, as when the client hangs up.
+                if connection.stalled(now) > self.send_timeout:
+                    connection.abort()

@@ -152,6 +152,7 @@ class _Connection(asyncio.Protocol):
         self._head: asyncio.Future[UpstreamResponse] | None = None
         self._informational = False
         self._keep_alive = False
+        self._until_close = False  # the response's body ends where the connection does
         self._paused = False
         self._writable: asyncio.Future[None] | None = None
         self.received_any = False
@@ -172,6 +173,14 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamReset(f"unparseable response from the upstream: {exc}"))
             self.close()
+
+    def eof_received(self) -> bool | None:
+        # A body with neither length nor chunks ends here (RFC 9112 section 6.3, rule 8): llhttp
+        # would say so on llhttp_finish(), which httptools does not expose. A reset instead of
+        # an EOF (connection_lost with an error) still cuts the body short.
+        if self._until_close and self._response is not None:
+            self._response.complete()
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -207,6 +216,10 @@ class _Connection(asyncio.Protocol):
         response = self._response = UpstreamResponse(self, status, reason, raw_headers)
         # Asked here: once the message is complete llhttp has reset and no longer knows.
         self._keep_alive = self._parser.should_keep_alive()
+        # No keep-alive and no length: the body may run to the close (RFC 9112 section 6.3).
+        self._until_close = (
+            not self._keep_alive and response.content_length is None and not _chunked(raw_headers)
+        )
         if self._head is not None and not self._head.done():
             self.deadline = math.inf
             self._head.set_result(response)
@@ -443,3 +456,11 @@ class UpstreamPool:
 
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _chunked(raw_headers: RawHeaders) -> bool:
+    """Whether chunked is the last transfer coding (the body's framing), as llhttp sees it."""
+    codings = b",".join(
+        value for name, value in raw_headers if name.lower() == b"transfer-encoding"
+    )
+    return codings.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
