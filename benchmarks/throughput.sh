@@ -15,13 +15,33 @@ echo "== proxy only (no preset), one worker"
 PY=$PY SIDECAR_CMD="$SIDECAR ${ARGS% --preset*}" bash "$BENCH/run.sh" | grep -E "^sidecar|naive-aiohttp |nginx-proxy"
 echo
 echo "== --workers 1 vs --workers 2, unpinned, same upstream and wrk (CPU 0)"
+# Two workers can only double the rate on two cores the load generator does not need. Here wrk
+# and the upstream share them, so the rate is a floor; what carries over to free cores is the
+# CPU each request costs (all worker processes, user + system), and how evenly SO_REUSEPORT
+# spreads the requests (each worker's share of that CPU).
 start_upstream
+tick_us=$((1000000 / $(getconf CLK_TCK)))
+cpu_ticks() { # pid...: user + system clock ticks of each, space-separated
+  for p in "$@"; do awk '{printf "%d ", $14 + $15}' "/proc/$p/stat" 2>/dev/null || printf "0 "; done
+}
 for workers in 1 2; do
   "$SIDECAR" $ARGS --workers "$workers" & sc=$!
   wait_port 18005; sleep 2
+  procs=$(pgrep -P "$sc" | tr '\n' ' ')  # with --workers 2 its workers; one worker serves itself
   taskset -c 0 wrk -t1 -c8 -d1s -s "$BENCH/post.lua" http://127.0.0.1:18005/v1/models/iris:predict >/dev/null
-  rps=$(taskset -c 0 wrk -t1 -c"${C:-32}" -d"${DUR:-8s}" -s "$BENCH/post.lua" \
-    http://127.0.0.1:18005/v1/models/iris:predict | awk '/Requests\/sec/ {print $2}')
-  echo "workers=$workers rps=$rps"
+  before=($(cpu_ticks $sc $procs))
+  out=$(taskset -c 0 wrk -t1 -c"${C:-32}" -d"${DUR:-8s}" -s "$BENCH/post.lua" \
+    http://127.0.0.1:18005/v1/models/iris:predict)
+  after=($(cpu_ticks $sc $procs))
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  requests=$(echo "$out" | awk '/requests in/ {print $1}')
+  total=0; shares=""
+  for i in "${!after[@]}"; do total=$((total + after[i] - before[i])); done
+  for i in "${!after[@]}"; do
+    [ "$i" -eq 0 ] && continue  # the supervisor: admin port only
+    shares+="$(( (after[i] - before[i]) * 100 / (total > 0 ? total : 1) ))% "
+  done
+  echo "workers=$workers rps=$rps cpu_us_per_request=$((total * tick_us / requests))" \
+    "worker_cpu_shares=${shares:-100% }"
   kill "$sc"; wait "$sc" 2>/dev/null
 done

@@ -221,33 +221,69 @@ async def test_concurrent_requests_are_counted_exactly(toy_model, start_sidecar:
     assert sample(text, "ml_request_duration_seconds_count", route="predict") == len(sizes)
 
 
-async def test_a_scrape_counts_exchanges_still_waiting_to_be_recorded():
-    """Recording waits a moment to batch exchanges; a scrape in that moment still sees them."""
-    config = load(environ={}, overrides={"upstream": "http://127.0.0.1:9", "preset": "kserve-v1"})
-    registry = CollectorRegistry()
-    pipeline = Pipeline(config, build_routes(config), registry)
+def iris_exchange(pipeline: Pipeline, path: str, request_id: str) -> None:
+    """One kserve-v1 exchange through the pipeline, as the proxy reports it."""
     body = b'{"instances": [[1, 2, 3, 4]]}'
     answer = b'{"predictions": [[0.1, 0.7, 0.2]]}'
     headers = CIMultiDict({"Content-Type": "application/json"})
+    ticket = pipeline.begin("POST", path)
+    pipeline.end(
+        ticket,
+        Exchange(
+            method="POST",
+            path=path,
+            status=200,
+            request_id=request_id,
+            request_headers=headers,
+            response_headers=headers,
+            request_body=body,
+            response_body=answer,
+            request_size=len(body),
+            response_size=len(answer),
+            upstream_seconds=0.001,
+            total_seconds=0.002,
+        ),
+    )
+
+
+def kserve_pipeline(**overrides: object) -> tuple[Pipeline, CollectorRegistry]:
+    config = load(
+        environ={},
+        overrides={"upstream": "http://127.0.0.1:9", "preset": "kserve-v1", **overrides},
+    )
+    registry = CollectorRegistry()
+    return Pipeline(config, build_routes(config), registry), registry
+
+
+async def test_a_scrape_counts_exchanges_still_waiting_to_be_recorded():
+    """Recording waits a moment to batch exchanges; a scrape in that moment still sees them."""
+    pipeline, registry = kserve_pipeline()
     for n in range(3):
-        ticket = pipeline.begin("POST", "/v1/models/iris:predict")
-        pipeline.end(
-            ticket,
-            Exchange(
-                method="POST",
-                path="/v1/models/iris:predict",
-                status=200,
-                request_id=str(n),
-                request_headers=headers,
-                response_headers=headers,
-                request_body=body,
-                response_body=answer,
-                request_size=len(body),
-                response_size=len(answer),
-                upstream_seconds=0.001,
-                total_seconds=0.002,
-            ),
-        )
+        iris_exchange(pipeline, "/v1/models/iris:predict", str(n))
     text = generate_latest(registry).decode()  # no turn of the event loop since the requests
     assert sample(text, "ml_requests_total", route="predict", code="200") == 3
     assert sample(text, "ml_predictions_total", **{"class": "1"}) == 3
+
+
+async def test_a_path_over_the_label_cap_counts_an_overflow_every_time():
+    """begin() remembers each path's route and labels, but not a path whose model name was
+    folded into __other__: every request to it is an overflow."""
+    pipeline, registry = kserve_pipeline(label_cap=1)
+    for n in range(4):
+        iris_exchange(pipeline, "/v1/models/iris:predict", f"a{n}")
+        iris_exchange(pipeline, "/v1/models/setosa:predict", f"b{n}")
+    text = generate_latest(registry).decode()
+    assert sample(text, "ml_requests_total", model_name="iris", code="200") == 4
+    assert sample(text, "ml_requests_total", model_name="__other__", code="200") == 4
+    assert sample(text, "sidecar_label_overflow_total", label="model_name") == 4
+
+
+async def test_a_reload_forgets_the_routes_remembered_per_path():
+    pipeline, registry = kserve_pipeline()
+    iris_exchange(pipeline, "/v1/models/iris:predict", "before")
+    config = load(environ={}, overrides={"upstream": "http://127.0.0.1:9"})  # no preset
+    pipeline.reconfigure(config, build_routes(config))
+    iris_exchange(pipeline, "/v1/models/iris:predict", "after")
+    text = generate_latest(registry).decode()
+    assert sample(text, "ml_requests_total", route="predict") == 1
+    assert sample(text, "ml_requests_total", route="other") == 1

@@ -23,7 +23,7 @@ from sidecar.logs import RateLimitedLog
 from sidecar.profile import Profile, content_hash
 from sidecar.recorders.drift import DriftRecorder
 from sidecar.recorders.feedback import FeedbackRecorder
-from sidecar.recorders.labels import LabelCap, OverflowCounter
+from sidecar.recorders.labels import OTHER, LabelCap, OverflowCounter
 from sidecar.recorders.llm import LlmRecorder
 from sidecar.recorders.outputs import OutputRecorder
 from sidecar.recorders.quality import QualityRecorder
@@ -34,14 +34,18 @@ log = logging.getLogger(__name__)
 _P = ParamSpec("_P")
 
 # Ended exchanges wait at most this long (seconds) to be recorded, or until this many are waiting.
-DRAIN_DELAY = 0.005
+DRAIN_DELAY = 0.010
 DRAIN_NOW = 256
+# Requests (method, path) remembered with their ticket; forgotten all at once beyond this many
+# (paths can be endless: an id in the path, a scanner's guesses).
+_REMEMBERED_PATHS = 1024
 
 
 @dataclass(frozen=True, slots=True, eq=False)  # one per route and model: hashed by identity
 class Ticket:
     route: Route
     model: tuple[str, str]
+    in_progress: Gauge  # the model's in-flight gauge, bound once
     capture_bodies: bool
     llm: bool = False  # an openai-preset route: streams cut short are counted
     inject_usage: bool = False  # the proxy asks for stream usage and hides it (docs/llm.md)
@@ -78,6 +82,7 @@ class Pipeline:
         self._llm = LlmRecorder(registry, overflow=overflow, label_cap=config.label_cap)
         self._llm_routes = _llm_routes(config)
         self._tickets: dict[tuple[Route, tuple[str, str]], Ticket] = {}  # Tickets are immutable
+        self._by_path: dict[tuple[str, str], Ticket] = {}  # begin()'s memory, see _ticket()
         self._dropped = Counter(
             "sidecar_dropped_observations_total",
             "Exchanges whose payloads were not parsed: queue_full (recording fell behind) or "
@@ -107,27 +112,42 @@ class Pipeline:
         self._routes = routes
         self._llm_routes = _llm_routes(config)
         self._tickets = {}
+        self._by_path = {}
         self._outputs.low_confidence_threshold = config.low_confidence_threshold
         self._quality.rules = config.features
 
     def begin(self, method: str, path: str) -> Ticket:
+        ticket = self._by_path.get((method, path))
+        if ticket is None:
+            ticket = self._ticket(method, path)
+        ticket.in_progress.inc()
+        return ticket
+
+    def _ticket(self, method: str, path: str) -> Ticket:
+        """Route and label a request. A model's traffic hits few paths, so the answer is
+        remembered per path: matching route patterns costs more than the rest of begin()."""
         route, params = self._routes.match(method, path)
         model = self._model_labels(params)
-        self._red.in_progress(model).inc()
         ticket = self._tickets.get((route, model))
         if ticket is None:  # bounded: routes times capped model labels
             inject = self._llm_routes.get((route.name, route.template))  # None: not an LLM route
             ticket = self._tickets[(route, model)] = Ticket(
                 route,
                 model,
+                self._red.in_progress(model),
                 capture_bodies=route.extractor is not None,
                 llm=inject is not None,
                 inject_usage=bool(inject),
             )
+        # A label folded into __other__ is counted as an overflow on every request: not cached.
+        if OTHER not in model:
+            if len(self._by_path) >= _REMEMBERED_PATHS:
+                self._by_path.clear()
+            self._by_path[(method, path)] = ticket
         return ticket
 
     def end(self, ticket: Ticket, exchange: Exchange) -> None:
-        self._red.in_progress(ticket.model).dec()
+        ticket.in_progress.dec()
         wanted = ticket.capture_bodies and (
             (200 <= exchange.status < 300 and exchange.error is None)
             or (ticket.llm and _cut_short(exchange))  # counted in _observe_payload

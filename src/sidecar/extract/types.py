@@ -7,15 +7,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal
 
+import msgspec
 import numpy as np
 from numpy.typing import NDArray
 
 ErrorType = Literal["request_parse", "response_parse", "mapping"]
 
 
-class Message(NamedTuple):
+class Message(msgspec.Struct, frozen=True, gc=False):  # made per exchange: a cheap Struct
     """One side of an exchange as extraction sees it: the raw body and lower-cased header names.
 
     `arrivals` says when a response body arrived, as (bytes so far, seconds since the request

@@ -102,16 +102,18 @@ _T = TypeVar("_T")
 
 class HeaderView(Mapping[str, str]):
     """Raw headers as a case-insensitive `str` mapping (names lower-cased), decoded (latin-1) on
-    first use; of a repeated header, the first value.
+    use; of a repeated header, the first value.
 
-    The exchange record offers headers by name, but only payload extraction reads them: decoding
-    every header of every request up front would cost each request for the few that are parsed.
+    The exchange record offers headers by name, but only payload extraction reads them, and it
+    asks for two or three by name: a lookup scans the few raw headers instead of decoding them
+    all into a dict, which costs more than the scans. Iterating builds that dict, once.
     """
 
-    __slots__ = ("_decoded", "_raw")
+    __slots__ = ("_decoded", "_names", "_raw")
 
     def __init__(self, raw: RawHeaders) -> None:
         self._raw = raw
+        self._names: list[bytes] | None = None  # lower-cased, in order, made on the first lookup
         self._decoded: dict[str, str] | None = None
 
     def _headers(self) -> dict[str, str]:
@@ -123,8 +125,24 @@ class HeaderView(Mapping[str, str]):
             }
         return self._decoded
 
+    def _find(self, name: str) -> bytes | None:
+        """The raw value of the first header called `name` (any case), or None."""
+        try:
+            wanted = name.encode("latin-1").lower()  # as the names were: bytes.lower()
+        except UnicodeEncodeError:
+            return None  # no raw name decodes to it
+        names = self._names
+        if names is None:
+            names = self._names = [field.lower() for field, _ in self._raw]
+        if wanted not in names:  # a scan in C
+            return None
+        return self._raw[names.index(wanted)][1]
+
     def __getitem__(self, name: str) -> str:
-        return self._headers()[name.lower()]
+        value = self._find(name)
+        if value is None:
+            raise KeyError(name)
+        return value.decode("latin-1")
 
     @overload
     def get(self, name: str, /) -> str | None: ...
@@ -132,10 +150,11 @@ class HeaderView(Mapping[str, str]):
     def get(self, name: str, /, default: str | _T) -> str | _T: ...
     def get(self, name: str, /, default: object = None) -> object:
         # Mapping.get would go through __getitem__ and a KeyError for every absent header.
-        return self._headers().get(name.lower(), default)
+        value = self._find(name)
+        return default if value is None else value.decode("latin-1")
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._headers()
+        return isinstance(name, str) and self._find(name) is not None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._headers())

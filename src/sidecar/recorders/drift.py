@@ -37,7 +37,9 @@ MODEL_LABELS = ("model_name", "model_version")
 NUMERIC_STATS = ("psi", "ks", "js", "linf", "wasserstein")
 CATEGORICAL_STATS = ("psi", "js", "linf")
 MAX_FEATURES = 256  # a reference frozen from traffic covers at most this many columns
-POOL_ROWS = 256  # small batches are counted together once this many rows are waiting
+# Small batches are counted together once this many rows are waiting (fewer with a count window:
+# at most one of its slots, so that the window still moves in tenths of its size).
+POOL_ROWS = 2048
 WINDOW_SLOTS = 10  # the in-process window moves in tenths of its size
 FLOOR_ROWS = 1000  # window size at which the Wasserstein floor is simulated, then scaled
 
@@ -451,6 +453,10 @@ class DriftRecorder(Collector):
         self._pooled_tables: list[FeatureTable] = []
         self._pooled_outputs: list[Outputs] = []
         self._pooled_rows = 0
+        self._pool_rows = POOL_ROWS
+        if self._settings.window == "count":
+            slot = int(self._settings.window_length / WINDOW_SLOTS)
+            self._pool_rows = max(1, min(POOL_ROWS, slot))
         for side, features in (
             (self._inputs, profile.features if profile else []),
             (self._outputs, profile.outputs if profile else []),
@@ -487,14 +493,14 @@ class DriftRecorder(Collector):
         """Count one batch of request features.
 
         Counting costs a few numpy calls per feature whatever the batch size, so small batches
-        are pooled and counted POOL_ROWS rows at a time (a scrape counts whatever is pooled):
+        are pooled and counted a few hundred rows at a time (a scrape counts whatever is pooled):
         one-row requests would otherwise pay that fixed cost on every request.
         """
         if table.n_rows == 0 or not table.columns:
             return
         self._pooled_tables.append(table)
         self._pooled_rows += table.n_rows
-        if self._pooled_rows >= POOL_ROWS:
+        if self._pooled_rows >= self._pool_rows:
             self._flush()
 
     def observe_outputs(self, outputs: Outputs) -> None:
@@ -505,7 +511,7 @@ class DriftRecorder(Collector):
             return
         self._pooled_outputs.append(outputs)
         self._pooled_rows += rows
-        if self._pooled_rows >= POOL_ROWS:
+        if self._pooled_rows >= self._pool_rows:
             self._flush()
 
     def _flush(self) -> None:
