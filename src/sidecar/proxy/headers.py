@@ -48,8 +48,13 @@ def _new_id_prefix() -> None:
 os.register_at_fork(after_in_child=_new_id_prefix)
 
 
-# Lower-case names the proxy acts on. Every other header is passed on without a second look.
-NOTED = HOP_BY_HOP | {b"content-length", b"expect", b"host", _REQUEST_ID}
+# Lower-case names payload extraction asks an exchange's headers for (sidecar.extract.body): scan()
+# notes them on its way, so that a HeaderView answers for them without a pass of its own.
+_READ_BY_EXTRACTION = frozenset(
+    {b"content-type", b"content-encoding", b"inference-header-content-length"}
+)
+# Lower-case names the proxy acts on, or notes. Every other header passes without a second look.
+NOTED = HOP_BY_HOP | {b"content-length", b"expect", b"host", _REQUEST_ID} | _READ_BY_EXTRACTION
 _NOT_NAMES = HOP_BY_HOP | {b"close", b""}  # Connection tokens that drop nothing more
 
 
@@ -98,6 +103,8 @@ def parse_length(value: bytes | None) -> int | None:
 
 
 _T = TypeVar("_T")
+# The names extraction asks for, as _find() would lower-case and encode them.
+_LOWERED = {name.decode(): name for name in _READ_BY_EXTRACTION}
 
 
 class HeaderView(Mapping[str, str]):
@@ -109,11 +116,12 @@ class HeaderView(Mapping[str, str]):
     all into a dict, which costs more than the scans. Iterating builds that dict, once.
     """
 
-    __slots__ = ("_decoded", "_names", "_raw")
+    __slots__ = ("_decoded", "_names", "_noted", "_raw")
 
-    def __init__(self, raw: RawHeaders) -> None:
+    def __init__(self, raw: RawHeaders, noted: Mapping[bytes, bytes] | None = None) -> None:
         self._raw = raw
-        self._names: list[bytes] | None = None  # lower-cased, in order, made on the first lookup
+        self._noted = noted  # what scan() noted of these headers, if the caller has it
+        self._names: list[bytes] | None = None  # lower-cased, in order, made on the first scan
         self._decoded: dict[str, str] | None = None
 
     def _headers(self) -> dict[str, str]:
@@ -127,10 +135,14 @@ class HeaderView(Mapping[str, str]):
 
     def _find(self, name: str) -> bytes | None:
         """The raw value of the first header called `name` (any case), or None."""
-        try:
-            wanted = name.encode("latin-1").lower()  # as the names were: bytes.lower()
-        except UnicodeEncodeError:
-            return None  # no raw name decodes to it
+        wanted = _LOWERED.get(name)
+        if wanted is None:
+            try:
+                wanted = name.encode("latin-1").lower()  # as the names were: bytes.lower()
+            except UnicodeEncodeError:
+                return None  # no raw name decodes to it
+        if self._noted is not None and wanted in _READ_BY_EXTRACTION:
+            return self._noted.get(wanted)
         names = self._names
         if names is None:
             names = self._names = [field.lower() for field, _ in self._raw]

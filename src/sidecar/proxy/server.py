@@ -139,8 +139,10 @@ def _reply(upstream: UpstreamResponse, request_id: str, record: _Record) -> Usag
     if inject_usage rewrote the request."""
     if b"x-request-id" not in upstream.noted:
         upstream.headers.append((_REQUEST_ID, request_id.encode()))
-    view = HeaderView(upstream.headers)
-    record.status, record.response_headers = upstream.status, view
+    record.status = upstream.status
+    if not (record.capture or record.strip_usage):
+        return None  # nobody reads the headers of an exchange whose bodies are not read
+    view = record.response_headers = HeaderView(upstream.headers, upstream.noted)
     if not record.strip_usage:
         return None
     return usage_filter(upstream.status, view, upstream.content_length, True)
@@ -194,6 +196,7 @@ class _Record:
         "_chunks",
         "_limit",
         "arrivals",
+        "capture",
         "error",
         "request_chunks",
         "request_size",
@@ -210,6 +213,7 @@ class _Record:
     def __init__(self, capture: bool, limit: int) -> None:
         self.started = self.upstream_started = self.upstream_done = time.perf_counter()
         self._limit = limit
+        self.capture = capture  # the bodies (and so the headers) are wanted for extraction
         self.request_chunks: list[bytes] | None = [] if capture else None
         self.request_size = 0
         self._chunks: list[bytes] | None = [] if capture else None
@@ -256,12 +260,13 @@ class _Record:
 
     def exchange(self, request: Request, request_id: str) -> Exchange:
         response = self._chunks
+        headers = HeaderView(request.headers, request.noted) if self.capture else _NO_HEADERS
         return Exchange(
             method=request.method,
             path=request.path,
             status=self.status,
             request_id=request_id,
-            request_headers=HeaderView(request.headers),
+            request_headers=headers,
             response_headers=self.response_headers,
             request_body=b"".join(self.request_chunks) if self.request_chunks else None,
             response_body=b"".join(response) if response is not None and not self.error else None,
