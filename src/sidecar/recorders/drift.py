@@ -452,7 +452,7 @@ class DriftRecorder(Collector):
         self._inputs, self._outputs = _Side(), _Side()
         self._pooled_tables: list[FeatureTable] = []
         self._pooled_outputs: list[Outputs] = []
-        self._pooled_rows = 0
+        self._pooled_rows = [0, 0]  # features, outputs: each side fills its own window slots
         self._pool_rows = POOL_ROWS
         if self._settings.window == "count":
             slot = int(self._settings.window_length / WINDOW_SLOTS)
@@ -499,8 +499,8 @@ class DriftRecorder(Collector):
         if table.n_rows == 0 or not table.columns:
             return
         self._pooled_tables.append(table)
-        self._pooled_rows += table.n_rows
-        if self._pooled_rows >= self._pool_rows:
+        self._pooled_rows[0] += table.n_rows
+        if self._pooled_rows[0] >= self._pool_rows:
             self._flush()
 
     def observe_outputs(self, outputs: Outputs) -> None:
@@ -510,13 +510,13 @@ class DriftRecorder(Collector):
         if not rows:
             return
         self._pooled_outputs.append(outputs)
-        self._pooled_rows += rows
-        if self._pooled_rows >= self._pool_rows:
+        self._pooled_rows[1] += rows
+        if self._pooled_rows[1] >= self._pool_rows:
             self._flush()
 
     def _flush(self) -> None:
         tables, outputs = self._pooled_tables, self._pooled_outputs
-        self._pooled_tables, self._pooled_outputs, self._pooled_rows = [], [], 0
+        self._pooled_tables, self._pooled_outputs, self._pooled_rows = [], [], [0, 0]
         for table in _concat_tables(tables):
             self._count_features(table)
         for batch in _concat_outputs(outputs):
