@@ -88,3 +88,14 @@ async def test_client_that_stops_reading_is_cut_off_after_the_send_timeout(
             while chunk := await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), timeout=10):
                 received += len(chunk)
     assert received < BIG
+
+
+async def test_a_request_waiting_for_the_upstream_is_in_progress(canned_upstream, sidecar):
+    async with aiohttp.ClientSession() as session:
+        waiting = asyncio.ensure_future(session.get(sidecar.proxy_url + "/slow"))
+        await asyncio.wait_for(canned_upstream.slow_started.wait(), timeout=10)
+        assert sample(await scrape(sidecar), "ml_requests_in_progress") == 1
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+    await settled(sidecar, "ml_requests_in_progress", 0)

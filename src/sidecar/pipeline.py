@@ -45,7 +45,7 @@ _REMEMBERED_PATHS = 1024
 class Ticket:
     route: Route
     model: tuple[str, str]
-    in_progress: Gauge  # the model's in-flight gauge, bound once
+    in_flight: Callable[[float], None]  # adds to the model's in-flight gauge
     capture_bodies: bool
     llm: bool = False  # an openai-preset route: streams cut short are counted
     inject_usage: bool = False  # the proxy asks for stream usage and hides it (docs/llm.md)
@@ -120,7 +120,7 @@ class Pipeline:
         ticket = self._by_path.get((method, path))
         if ticket is None:
             ticket = self._ticket(method, path)
-        ticket.in_progress.inc()
+        ticket.in_flight(1)
         return ticket
 
     def _ticket(self, method: str, path: str) -> Ticket:
@@ -134,7 +134,7 @@ class Pipeline:
             ticket = self._tickets[(route, model)] = Ticket(
                 route,
                 model,
-                self._red.in_progress(model),
+                self._red.in_flight(model),
                 capture_bodies=route.extractor is not None,
                 llm=inject is not None,
                 inject_usage=bool(inject),
@@ -147,7 +147,7 @@ class Pipeline:
         return ticket
 
     def end(self, ticket: Ticket, exchange: Exchange) -> None:
-        ticket.in_progress.dec()
+        ticket.in_flight(-1)
         wanted = ticket.capture_bodies and (
             (200 <= exchange.status < 300 and exchange.error is None)
             or (ticket.llm and _cut_short(exchange))  # counted in _observe_payload
