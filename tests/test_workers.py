@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar import mpfiles
 from sidecar.cli import main
 from sidecar.demo import FEATURES, sample_rows
 from tests.conftest import CannedUpstream, free_port
@@ -65,7 +66,8 @@ async def supervisor(upstream: str, *extra: str, workers: int = 2) -> AsyncItera
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(process.wait(), 60) == 0
+        code = await asyncio.wait_for(process.wait(), 60)  # also after a failure: reap it
+    assert code == 0
 
 
 async def _until(condition: Callable[[], bool], process: asyncio.subprocess.Process) -> None:
@@ -227,10 +229,7 @@ async def test_a_killed_worker_is_replaced_and_only_its_clients_notice(
                     await response.content.read()
             response.release()
 
-        await _until(
-            lambda: len(_listening(running.port)) == 2 and victim not in running.workers(),
-            running.process,
-        )
+        await _until_replaced(running, victim)
         for _ in range(50):
             async with session.get(f"{running.proxy}/json") as response:
                 assert response.status == 200
@@ -239,6 +238,55 @@ async def test_a_killed_worker_is_replaced_and_only_its_clients_notice(
         assert await _metric_sum(session, metrics, "ml_requests_total") >= before
         assert await _metric_sum(session, metrics, "sidecar_worker_restarts_total") == 1
         assert await _metric_sum(session, metrics, "ml_requests_in_progress") == 0
+
+
+async def test_killed_workers_leave_their_counts_and_no_files_behind(
+    canned_upstream: CannedUpstream,
+) -> None:
+    """kill -9 a worker five times, with requests in between: after every kill the merged
+    request counter and latency count equal the requests sent, exactly, and the worker directory
+    holds the live workers' files and one retired file per type, however many have died."""
+    async with (
+        supervisor(canned_upstream.url) as running,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
+    ):
+        directory = _worker_directory(min(running.workers()))
+        metrics, sent, bound = running.metrics, 0, 0
+        for kill in range(1, 6):
+            # 20 new connections: both workers serve some (all to one: odds of 2 in 2^20).
+            for _ in range(20):
+                async with session.get(f"{running.proxy}/json") as response:
+                    assert response.status == 200
+            sent += 20
+            await _until_metric(session, metrics, "ml_requests_total", sent)
+            if not bound:  # two workers' files, and room for one retired file of each type
+                bound = len(list(directory.glob("*.db"))) * 3 // 2
+
+            victim = sorted(running.workers())[kill % 2]
+            os.kill(victim, signal.SIGKILL)
+            await _until_replaced(running, victim)
+            assert await _metric_sum(session, metrics, "ml_requests_total") == sent
+            assert await _metric_sum(session, metrics, "ml_request_duration_seconds_count") == sent
+            assert await _metric_sum(session, metrics, "sidecar_worker_restarts_total") == kill
+            files = [path.name for path in directory.glob("*.db")]
+            owners = {name.removesuffix(".db").rsplit("_", 1)[1] for name in files}
+            assert owners <= {*map(str, running.workers()), mpfiles.RETIRED}
+            assert len(files) <= bound
+
+
+async def _until_replaced(running: Running, victim: int) -> None:
+    """Until the supervisor has reaped `victim` (and retired it) and a new worker listens."""
+    # Reaped first: a killed worker's socket may still listen until its exit is complete.
+    await _until(
+        lambda: victim not in running.workers() and len(_listening(running.port)) == 2,
+        running.process,
+    )
+
+
+def _worker_directory(pid: int) -> Path:
+    """The --worker-dir a worker was started with: the supervisor's multiprocess directory."""
+    arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return Path(arguments[arguments.index(b"--worker-dir") + 1].decode())
 
 
 async def test_sighup_reloads_every_worker(canned_upstream: CannedUpstream, tmp_path: Path) -> None:

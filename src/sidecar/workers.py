@@ -27,11 +27,11 @@ from pathlib import Path
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from sidecar import snapshots
+from sidecar import mpfiles, snapshots
 from sidecar.admin import AdminServer, make_admin_app
 from sidecar.app import Sidecar, keep_running, make_probe, url_of, watch_config
 from sidecar.config import Config, ConfigError
@@ -204,9 +204,16 @@ class Supervisor:
         return self._directory / f"{worker.process.pid}{snapshots.SUFFIX}"
 
     def _retire(self, worker: _Worker) -> None:
-        """An exited worker: its live gauges go, its counters stay in the merged totals."""
+        """An exited worker: its live gauges go, its counters stay in the merged totals, and its
+        files are folded into the retired ones, so restarts do not grow the directory."""
         worker.serving = False
-        mark_process_dead(worker.process.pid, str(self._directory))  # type: ignore[no-untyped-call]
+        pid = worker.process.pid
+        try:
+            mpfiles.retire(self._directory, pid)
+        except OSError as exc:
+            self._complaints.warning(
+                "retire", "a dead worker's metric files stay unfolded", pid=pid, error=str(exc)
+            )
         self._merge.retire(self._snapshot(worker))
 
     def _fail(self, message: str) -> None:
