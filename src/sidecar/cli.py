@@ -19,6 +19,7 @@ import uvloop
 
 from sidecar import __version__, loadtest_cli, logs, profile_cli
 from sidecar.config import Config, ConfigError, load
+from sidecar.malloc import pin_mmap_threshold
 from sidecar.profile import ProfileError
 from sidecar.profile import load as load_profile
 
@@ -148,6 +149,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    pin_mmap_threshold()  # RSS stays flat under load (sidecar.malloc says why)
     if args.worker_dir is not None:
         return _serve_worker(args.worker_dir)
     config = load(args.config, overrides=_overrides(args))
