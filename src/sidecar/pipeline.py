@@ -224,10 +224,10 @@ class Pipeline:
         self.feedback.record_merged(
             ticket.model,
             extraction,
-            [
+            (  # lazily: read only if predictions are logged
                 (exchange.request_id, exchange.total_seconds, rows)
                 for exchange, rows in zip(members, merged.row_counts, strict=True)
-            ],
+            ),
         )
         self._record_features(ticket.model, extraction)
 

@@ -26,7 +26,7 @@ import re
 import sqlite3
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, NamedTuple
 
 import msgspec
@@ -246,10 +246,11 @@ class FeedbackRecorder:
         self,
         model: tuple[str, str],
         extraction: Extraction,
-        members: Sequence[tuple[str, float, int]],
+        members: Iterable[tuple[str, float, int]],
     ) -> None:
         """`record` for several exchanges read as one (sidecar.extract.batch): `members` gives
-        each one's request id, seconds and rows, in the order of the extraction's rows."""
+        each one's request id, seconds and rows, in the order of the extraction's rows (read
+        only when predictions are logged)."""
         self._count_expected(model, extraction.outputs)
         if self._log is None:
             return
