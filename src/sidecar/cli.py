@@ -19,7 +19,7 @@ import uvloop
 
 from sidecar import __version__, loadtest_cli, logs, profile_cli
 from sidecar.config import Config, ConfigError, load
-from sidecar.malloc import pin_mmap_threshold
+from sidecar.memory import freeze_startup, pin_mmap_threshold
 from sidecar.profile import ProfileError
 from sidecar.profile import load as load_profile
 
@@ -149,7 +149,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    pin_mmap_threshold()  # RSS stays flat under load (sidecar.malloc says why)
+    pin_mmap_threshold()  # RSS stays flat under load (sidecar.memory says why)
     if args.worker_dir is not None:
         return _serve_worker(args.worker_dir)
     config = load(args.config, overrides=_overrides(args))
@@ -164,7 +164,7 @@ def _serve(args: argparse.Namespace) -> int:
     from sidecar.app import Sidecar  # imported late: `check-config` and `--help` stay light
 
     try:
-        uvloop.run(Sidecar(config).serve_until_signalled(reload, watch))
+        uvloop.run(Sidecar(config).serve_until_signalled(reload, watch, on_start=freeze_startup))
     except OSError as exc:
         log.error("cannot serve", extra={"error": str(exc)})
         return 1

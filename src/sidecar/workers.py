@@ -36,6 +36,7 @@ from sidecar.admin import AdminServer, make_admin_app
 from sidecar.app import Sidecar, keep_running, make_probe, url_of, watch_config
 from sidecar.config import Config, ConfigError
 from sidecar.logs import RateLimitedLog
+from sidecar.memory import freeze_startup
 from sidecar.readiness import UpstreamProbe
 
 log = logging.getLogger(__name__)
@@ -305,6 +306,7 @@ async def serve_worker(directory: Path, config: Config) -> None:
 
     def started() -> None:
         nonlocal ticker
+        freeze_startup()
         ticker = asyncio.create_task(_tick(writer, os.getppid()), name="snapshot")
 
     try:
