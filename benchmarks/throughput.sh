@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Throughput, one run side by side (../shared/bench/run.sh): direct, nginx proxy_pass, the naive
 # aiohttp proxy and the sidecar with the kserve-v1 preset on post.lua's iris traffic, one worker
-# pinned to CPU 1. Then the same with `--workers 2` on both cores (this machine has two: wrk and
-# the canned upstream share them, so the two-worker figure is a floor).
+# pinned to CPU 1; then the proxy alone. Then `--workers 1` against `--workers 2`: the CPU each
+# request costs them, which is what decides how two workers scale on two free cores.
 #
 #   usage: benchmarks/throughput.sh            knobs: DUR (default 8s), C (connections, 32)
 . "$(dirname "$0")/common.sh"
@@ -14,18 +14,18 @@ echo
 echo "== proxy only (no preset), one worker"
 PY=$PY SIDECAR_CMD="$SIDECAR ${ARGS% --preset*}" bash "$BENCH/run.sh" | grep -E "^sidecar|naive-aiohttp |nginx-proxy"
 echo
-echo "== --workers 1 vs --workers 2, unpinned, same upstream and wrk (CPU 0)"
-# Two workers can only double the rate on two cores the load generator does not need. Here wrk
-# and the upstream share them, so the rate is a floor; what carries over to free cores is the
-# CPU each request costs (all worker processes, user + system), and how evenly SO_REUSEPORT
-# spreads the requests (each worker's share of that CPU).
+echo "== --workers 1 vs --workers 2, all of them on CPU 1; upstream and wrk on CPU 0"
+# Two workers can only double the rate on two cores the load generator does not need; this
+# machine has none to spare. What carries over to free cores is the CPU a request costs (all
+# worker processes, user + system) and how evenly SO_REUSEPORT spreads the requests (each
+# worker's share of that CPU), so both workers share CPU 1 here, out of the way of wrk.
 start_upstream
 tick_us=$((1000000 / $(getconf CLK_TCK)))
 cpu_ticks() { # pid...: user + system clock ticks of each, space-separated
   for p in "$@"; do awk '{printf "%d ", $14 + $15}' "/proc/$p/stat" 2>/dev/null || printf "0 "; done
 }
 for workers in 1 2; do
-  "$SIDECAR" $ARGS --workers "$workers" & sc=$!
+  taskset -c 1 "$SIDECAR" $ARGS --workers "$workers" & sc=$!
   wait_port 18005; sleep 2
   procs=$(pgrep -P "$sc" | tr '\n' ' ')  # with --workers 2 its workers; one worker serves itself
   taskset -c 0 wrk -t1 -c8 -d1s -s "$BENCH/post.lua" http://127.0.0.1:18005/v1/models/iris:predict >/dev/null
