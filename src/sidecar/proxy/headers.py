@@ -112,8 +112,9 @@ class HeaderView(Mapping[str, str]):
     use; of a repeated header, the first value.
 
     The exchange record offers headers by name, but only payload extraction reads them, and it
-    asks for two or three by name: a lookup scans the few raw headers instead of decoding them
-    all into a dict, which costs more than the scans. Iterating builds that dict, once.
+    asks for the same three names of every body: those come from what scan() noted on the proxy
+    path, when the caller passes it; any other name from the raw names, lower-cased once.
+    Decoding every header into a dict up front cost more than that; iterating builds it, once.
     """
 
     __slots__ = ("_decoded", "_names", "_noted", "_raw")

@@ -104,7 +104,7 @@ class RedRecorder:
     def in_flight(self, model: tuple[str, str]) -> Callable[[float], None]:
         """What adds to the model's in-flight gauge (+1 as a request arrives, -1 as it ends):
         the child's value store, as recorders.batch uses it. Gauge.inc() checks its labels again
-        on every call, which doubles the cost of the two updates every request makes."""
+        on every call, half as much again as the update itself, twice per request."""
         child: Gauge = self._in_progress.labels(*model)
         add: Callable[[float], None] = child._value.inc
         return add
