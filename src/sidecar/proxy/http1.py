@@ -25,6 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 import httptools
 
+from sidecar.proxy.bodies import BodyBuffer
 from sidecar.proxy.headers import RawHeaders, field_line, parse_length, scan
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,6 @@ MAX_HEAD = 64 * 1024
 # sends before closing: closing with unread bytes would send a reset, which can destroy the
 # answer before the client reads it (nginx's lingering close does the same).
 _LINGER = 2.0
-# A streamed request body pauses reading from the client while this much is buffered and not yet
-# taken by the handler (the upstream is slower than the client).
-_HIGH_WATER = 1024 * 1024
 
 _METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")}
 _BODILESS_STATUS = frozenset({204, 304})
@@ -112,48 +110,14 @@ def _path(target: bytes) -> str:
     return unquote(text) if "%" in text else text
 
 
-class BodyReader:
+class BodyReader(BodyBuffer):
     """A request body still arriving: read it piece by piece (async for) or whole (read_all).
 
     Reading from the client pauses while too much is buffered here (the upstream is slower than
     the client), and resumes as the handler takes it.
     """
 
-    __slots__ = ("_chunks", "_connection", "_done", "_error", "_paused", "_size", "_waiter")
-
-    def __init__(self, connection: HttpConnection) -> None:
-        self._connection = connection
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._size = 0
-        self._paused = False
-        self._done = False
-        self._error: Exception | None = None
-        self._waiter: asyncio.Future[None] | None = None
-
-    @property
-    def complete(self) -> bool:
-        """The whole body has arrived (it may still be buffered here)."""
-        return self._done
-
-    async def read(self) -> bytes:
-        """The bytes that have arrived (waiting for some), or b"" at the end of the body."""
-        while not self._chunks:
-            if self._error is not None:
-                raise self._error
-            if self._done:
-                return b""
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        chunk = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        self._chunks.clear()
-        self._size = 0
-        if self._paused:
-            self._paused = False
-            self._connection.body_drained()
-        return chunk
+    __slots__ = ()
 
     async def read_all(self) -> bytes:
         parts = []
@@ -169,29 +133,6 @@ class BodyReader:
         if not chunk:
             raise StopAsyncIteration
         return chunk
-
-    # Fed by the connection as llhttp parses.
-
-    def feed(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
-        self._size += len(chunk)
-        if self._size > _HIGH_WATER and not self._paused:
-            self._paused = True
-            self._connection.body_full()
-        self._wake()
-
-    def finish(self) -> None:
-        self._done = True
-        self._wake()
-
-    def fail(self, error: Exception) -> None:
-        if not self._done:
-            self._error = error
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
 
 
 class HttpConnection(asyncio.Protocol):

@@ -17,6 +17,7 @@ from typing import cast
 
 import httptools
 
+from sidecar.proxy.bodies import BodyBuffer
 from sidecar.proxy.headers import field_line, parse_length, scan
 from sidecar.proxy.upstream import (
     UpstreamError,
@@ -28,23 +29,14 @@ from sidecar.proxy.upstream import (
 RawHeaders = Sequence[tuple[bytes, bytes]]
 Body = bytes | AsyncIterator[bytes] | None
 
-# Reading pauses while this much body is buffered and unread (a slow client must not make us
-# hold a fast upstream's whole reply), and resumes below the low mark.
-_HIGH_WATER = 1024 * 1024
-_LOW_WATER = 256 * 1024
 _MAX_IDLE = 256
 
 
-class UpstreamResponse:
+class UpstreamResponse(BodyBuffer):
     """The head of an upstream reply, and its body as it arrives."""
 
     __slots__ = (
         "_connection",
-        "_done",
-        "_error",
-        "_pending",
-        "_pending_size",
-        "_waiter",
         "content_length",
         "headers",
         "noted",
@@ -56,85 +48,36 @@ class UpstreamResponse:
     def __init__(
         self, connection: _Connection, status: int, reason: bytes, raw_headers: RawHeaders
     ) -> None:
+        super().__init__(connection)
         self._connection = connection
-        self._pending: list[bytes] = []
-        self._pending_size = 0
-        self._waiter: asyncio.Future[None] | None = None
-        self._done = False
-        self._error: UpstreamError | None = None
         self.status = status
         self.reason = reason  # as sent
         self.raw_headers = raw_headers
         self.headers, self.noted = scan(raw_headers)  # the end-to-end ones; see headers.scan
         self.content_length = parse_length(self.noted.get(b"content-length"))
 
-    async def read(self) -> bytes:
-        """Whatever body bytes have arrived (waiting for some), or b"" once the body is over."""
-        while (chunk := self.read_nowait()) is None:
-            await self._wait()
-        return chunk
-
-    def read_nowait(self) -> bytes | None:
-        """Like read(), but None instead of waiting: a reply that came whole costs no await."""
-        if not self._pending:
-            if self._error is not None:
-                raise self._error
-            return b"" if self._done else None
-        chunk = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
-        self._pending = []
-        self._pending_size = 0
-        self._connection.resume()
-        return chunk
-
-    def at_eof(self) -> bool:
-        """The whole body has arrived and been read."""
-        return self._done and not self._pending
-
     @property
     def arrived(self) -> bool:
-        """The whole body has arrived (it may not have been read yet)."""
+        """The whole body has arrived, intact (it may not have been read yet)."""
         return self._done and self._error is None
 
     def release(self) -> None:
-        """Hand the connection back: to the pool if the reply was complete, else closed."""
-        self._connection.finish(reusable=self._done and self._error is None)
+        """Hand the connection back: to the pool if the reply was complete, else closed. One
+        released with reading paused (its reader left before the end) would stay paused: closed."""
+        self._connection.finish(reusable=self.arrived and not self._paused)
 
     async def _wait(self) -> None:
         connection = self._connection
-        self._waiter = connection.loop.create_future()
         connection.deadline = connection.loop.time() + connection.read_timeout
         try:
-            await self._waiter
+            await super()._wait()
         finally:
             connection.deadline = math.inf
-            self._waiter = None
 
     def time_out(self) -> None:
         if self._waiter is not None:
             msg = f"no bytes from the upstream for {self._connection.read_timeout} s"
             self.fail(UpstreamTimeout(msg))
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    # Fed by the connection's parser callbacks.
-
-    def feed(self, chunk: bytes) -> None:
-        self._pending.append(chunk)
-        self._pending_size += len(chunk)
-        if self._pending_size > _HIGH_WATER:
-            self._connection.pause()
-        self._wake()
-
-    def complete(self) -> None:
-        self._done = True
-        self._wake()
-
-    def fail(self, error: UpstreamError) -> None:
-        if not self._done:
-            self._error = error
-        self._wake()
 
 
 class _Connection(asyncio.Protocol):
@@ -179,7 +122,7 @@ class _Connection(asyncio.Protocol):
         # would say so on llhttp_finish(), which httptools does not expose. A reset instead of
         # an EOF (connection_lost with an error) still cuts the body short.
         if self._until_close and self._response is not None:
-            self._response.complete()
+            self._response.finish()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -230,7 +173,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if self._response is not None and not self._informational:
-            self._response.complete()
+            self._response.finish()
 
     # Used by the pool and the response.
 
@@ -282,15 +225,15 @@ class _Connection(asyncio.Protocol):
 
     def _end_head_only(self, head: asyncio.Future[UpstreamResponse]) -> None:
         if not head.cancelled() and head.exception() is None:
-            head.result().complete()
+            head.result().finish()
             self.closed = True
 
-    def pause(self) -> None:
+    def body_full(self) -> None:
         if not self._paused and self._transport is not None:
             self._paused = True
             self._transport.pause_reading()
 
-    def resume(self) -> None:
+    def body_drained(self) -> None:
         if self._paused and self._transport is not None:
             self._paused = False
             self._transport.resume_reading()
