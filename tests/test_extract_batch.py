@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.extract import MappingSpec, Message, build_extractor
+from sidecar.extract import MappingSpec, Message
 from sidecar.extract.batch import MAX_MERGED_ROWS
-from sidecar.extract.compile import build_batch_reader
+from sidecar.extract.compile import build_readers
 from sidecar.extract.types import Extraction
 from tests.fixtures_util import SERVERS, load
 
@@ -65,7 +65,7 @@ def assert_same_extraction(ours: Extraction, theirs: Extraction) -> None:
 def check_batch(preset: str, pairs: list[tuple[Message, Message]], **mapping: Any) -> list[int]:
     """Compare the batch reader with the one-exchange extractor; return the merged positions."""
     spec = MappingSpec(**mapping) if mapping else None
-    read, extract = build_batch_reader(preset, spec), build_extractor(preset, spec)
+    extract, read = build_readers(preset, spec)
     assert read is not None
     batch = read(pairs)
     merged_positions = batch.merged.members if batch.merged is not None else []
@@ -126,16 +126,16 @@ def test_rows_that_do_not_read_as_one_array_are_not_merged():
         (message({"instances": [[1, 2]]}), message({"predictions": [[0.9, 0.1]]})),
         (message({"instances": [[1, "x"]]}), message({"predictions": [[0.9, 0.1]]})),
     ]
-    read = build_batch_reader("kserve-v1", None)
+    _, read = build_readers("kserve-v1", None)
     assert read is not None
     assert read(pairs).merged is None
 
 
 def test_a_mapping_with_its_own_readers_has_no_batch_reader():
-    assert build_batch_reader("kserve-v1", MappingSpec(features="instances")) is None
-    assert build_batch_reader("seldon-v1", None) is None
-    assert build_batch_reader(None, MappingSpec(features="x")) is None
-    assert build_batch_reader("kserve-v1", MappingSpec(class_names=("a", "b"))) is not None
+    assert build_readers("kserve-v1", MappingSpec(features="instances"))[1] is None
+    assert build_readers("seldon-v1", None)[1] is None
+    assert build_readers(None, MappingSpec(features="x"))[1] is None
+    assert build_readers("kserve-v1", MappingSpec(class_names=("a", "b")))[1] is not None
 
 
 CELLS = st.one_of(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -418,23 +419,25 @@ async def hello(request: Request, connection: HttpConnection) -> None:
     connection.send_head(200, b"OK", headers, len(body), body, end=True)
 
 
-async def start_server(handler: Any = hello, **settings: Any) -> Http1Server:
+@contextlib.asynccontextmanager
+async def serving(handler: Any = hello, **settings: Any) -> AsyncIterator[Http1Server]:
+    """An Http1Server on an ephemeral port, stopped on the way out."""
     server = Http1Server(handler, whole_body_limit=1024, **settings)
     await server.start("127.0.0.1", 0)
-    return server
+    try:
+        yield server
+    finally:
+        await server.stop(1.0)
 
 
 async def test_idle_connections_close_after_the_keepalive_timeout():
-    server = await start_server(keepalive_timeout=0.2)
-    try:
+    async with serving(keepalive_timeout=0.2) as server:
         host, port = server.address
         reader, writer = await asyncio.open_connection(host, port)
         writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await read_response(reader))[2] == b"hello /a"
         assert await closed(reader)
         writer.close()
-    finally:
-        await server.stop(1.0)
 
 
 async def test_a_reply_the_client_never_reads_does_not_hold_the_connection():
@@ -446,8 +449,7 @@ async def test_a_reply_the_client_never_reads_does_not_hold_the_connection():
         headers = [(b"Content-Length", b"%d" % len(body))]
         connection.send_head(200, b"OK", headers, len(body), body, end=True)
 
-    server = await start_server(large, keepalive_timeout=0.1, send_timeout=0.2)
-    try:
+    async with serving(large, keepalive_timeout=0.1, send_timeout=0.2) as server:
         _, writer = await asyncio.open_connection(*server.address, limit=1024)
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         for _ in range(500):
@@ -456,23 +458,18 @@ async def test_a_reply_the_client_never_reads_does_not_hold_the_connection():
             await asyncio.sleep(0.02)
         assert not server.connections
         writer.close()
-    finally:
-        await server.stop(1.0)
 
 
 async def test_a_failing_handler_is_a_500_and_a_closed_connection():
     async def broken(request: Request, connection: HttpConnection) -> None:
         raise RuntimeError("bug")
 
-    server = await start_server(broken)
-    try:
+    async with serving(broken) as server:
         reader, writer = await asyncio.open_connection(*server.address)
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await read_response(reader))[0] == b"HTTP/1.1 500 Internal Server Error"
         assert await closed(reader)
         writer.close()
-    finally:
-        await server.stop(1.0)
 
 
 @pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="no SO_REUSEPORT here")

@@ -18,7 +18,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from sidecar.admin import AdminServer, make_admin_app
 from sidecar.config import Config, ConfigError
-from sidecar.extract.compile import build_batch_reader, build_extractor
+from sidecar.extract.compile import build_readers
 from sidecar.extract.presets import PRESETS
 from sidecar.pipeline import Pipeline
 from sidecar.profile import load as load_profile
@@ -39,15 +39,13 @@ def build_routes(config: Config) -> RouteTable:
 def _configured_routes(config: Config) -> Iterator[Route]:
     for route in config.routes:
         if route.preset or route.mapping:
-            extractor = build_extractor(route.preset, route.mapping)
-            batch = build_batch_reader(route.preset, route.mapping)
+            extractor, batch = build_readers(route.preset, route.mapping)
             yield Route(route.name, route.method.upper(), route.path, extractor, batch)
         else:
             yield Route(route.name, route.method.upper(), route.path)
     if config.preset is not None:
         preset = PRESETS[config.preset]
-        extractor = build_extractor(config.preset, config.mapping)
-        batch = build_batch_reader(config.preset, config.mapping)
+        extractor, batch = build_readers(config.preset, config.mapping)
         for preset_route in preset.routes:
             yield Route(preset_route.name, preset_route.method, preset_route.path, extractor, batch)
 

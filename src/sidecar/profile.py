@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from numpy.typing import NDArray
 
+from sidecar.files import write_atomically
 from sidecar.profile_io import READERS, Format, ProfileError, format_of, progress_bar
 from sidecar.sketches import (
     CDF_LEVELS,
@@ -137,10 +138,8 @@ def content_hash(profile: Profile) -> str:
 
 def save(profile: Profile, path: str | os.PathLike[str]) -> None:
     """Write the profile as indented JSON, atomically (a reader never sees half a file)."""
-    target = Path(path)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(profile), indent=2) + b"\n")
-    tmp.replace(target)
+    text = msgspec.json.format(msgspec.json.encode(profile), indent=2) + b"\n"
+    write_atomically(Path(path), text)
 
 
 def load(path: str | os.PathLike[str]) -> Profile:

@@ -12,7 +12,6 @@ kept, by `GAUGE_MERGE`. A dead worker's counters and histograms stay (retire()),
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -23,6 +22,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from sidecar.files import write_atomically
 from sidecar.logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -101,13 +101,11 @@ class SnapshotWriter:
     def __init__(self, collectors: Sequence[Collector], path: Path) -> None:
         self._collectors = collectors
         self.path = path
-        self._temporary = path.with_name(path.name + ".tmp")
         self._complaints = RateLimitedLog(log)
 
     def write(self) -> None:
         try:
-            self._temporary.write_bytes(_encode(families_of(self._collectors)))
-            os.replace(self._temporary, self.path)
+            write_atomically(self.path, _encode(families_of(self._collectors)))
         except OSError as exc:  # a full disk must not stop the proxy; the merge lags instead
             self._complaints.warning(
                 "snapshot", "writing a metrics snapshot failed", error=str(exc)

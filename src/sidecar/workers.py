@@ -35,6 +35,7 @@ from sidecar import mpfiles, snapshots
 from sidecar.admin import AdminServer, make_admin_app
 from sidecar.app import Sidecar, keep_running, make_probe, url_of, watch_config
 from sidecar.config import Config, ConfigError
+from sidecar.files import write_atomically
 from sidecar.logs import RateLimitedLog
 from sidecar.memory import freeze_startup
 from sidecar.readiness import UpstreamProbe
@@ -242,10 +243,7 @@ class Supervisor:
         """What workers run: the supervisor's config, minus what the supervisor does for them."""
         # shutdown_delay: the supervisor fails readiness and waits before it signals the workers.
         config = msgspec.structs.replace(self.config, shutdown_delay=0.0)
-        path = self._directory / CONFIG_FILE
-        temporary = path.with_name(CONFIG_FILE + ".tmp")
-        temporary.write_bytes(msgspec.msgpack.encode(config))
-        os.replace(temporary, path)
+        write_atomically(self._directory / CONFIG_FILE, msgspec.msgpack.encode(config))
         self._config_version += 1
 
     async def _close(self) -> None:

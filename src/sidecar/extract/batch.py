@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from numpy.typing import NDArray
 
 from sidecar.extract.body import Parsed
 from sidecar.extract.plan import (
@@ -30,7 +29,7 @@ from sidecar.extract.plan import (
     assemble_decoded,
     decode_body,
 )
-from sidecar.extract.types import Extraction, FeatureTable, Message, Outputs
+from sidecar.extract.types import Extraction, FeatureTable, Message
 
 __all__ = ["MAX_MERGED_ROWS", "Batch", "BatchReader", "Merged", "batch_reader"]
 
@@ -147,15 +146,7 @@ def _read(
     )
     kept = np.flatnonzero(~spoiled).tolist()
     return Merged(
-        Extraction(features=clean, outputs=_select(outputs, keep), batch_size=clean.n_rows),
+        Extraction(features=clean, outputs=outputs.take(keep), batch_size=clean.n_rows),
         [members[i] for i in kept],
         [counts[i] for i in kept],
-    )
-
-
-def _select(outputs: Outputs, keep: NDArray[np.bool_]) -> Outputs:
-    return Outputs(
-        None if outputs.classes is None else outputs.classes[keep],
-        None if outputs.confidence is None else outputs.confidence[keep],
-        None if outputs.value is None else outputs.value[keep],
     )

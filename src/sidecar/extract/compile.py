@@ -1,5 +1,5 @@
 """build_extractor: a route's preset and mapping config turned, once, into one extractor function
-(and build_batch_reader into its reader for many small exchanges at once).
+(and build_readers: that, with its reader for many small exchanges at once).
 
 Every decision (which preset, which expressions, which names) is taken here at startup; the
 function returned only reads payloads.
@@ -15,7 +15,7 @@ from sidecar.extract.presets import get_preset
 from sidecar.extract.spec import MappingSpec
 from sidecar.extract.types import Extractor
 
-__all__ = ["build_batch_reader", "build_extractor"]
+__all__ = ["build_extractor", "build_readers"]
 
 
 def build_extractor(preset: str | None, mapping: MappingSpec | None) -> Extractor:
@@ -30,10 +30,14 @@ def build_extractor(preset: str | None, mapping: MappingSpec | None) -> Extracto
     return assemble(_plan(preset, mapping))
 
 
-def build_batch_reader(preset: str | None, mapping: MappingSpec | None) -> BatchReader | None:
-    """The route's reader for many small exchanges at once (sidecar.extract.batch), None when its
-    plan has no row shortcut (custom expressions, tensors, LLM calls)."""
-    return batch_reader(_plan(preset, mapping))
+def build_readers(
+    preset: str | None, mapping: MappingSpec | None
+) -> tuple[Extractor, BatchReader | None]:
+    """The route's extractor, and its reader for many small exchanges at once
+    (sidecar.extract.batch): None when its plan has no row shortcut (custom expressions,
+    tensors, LLM calls). Both come from one plan."""
+    plan = _plan(preset, mapping)
+    return assemble(plan), batch_reader(plan)
 
 
 def _plan(preset: str | None, mapping: MappingSpec | None) -> Plan:

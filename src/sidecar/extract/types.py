@@ -71,10 +71,14 @@ class Outputs:
 
     def rows(self, start: int, stop: int) -> Outputs:
         """Rows start..stop-1 (views, not copies)."""
+        return self.take(slice(start, stop))
+
+    def take(self, rows: slice | NDArray[np.bool_]) -> Outputs:
+        """The rows a slice or a mask picks."""
         return Outputs(
-            None if self.classes is None else self.classes[start:stop],
-            None if self.confidence is None else self.confidence[start:stop],
-            None if self.value is None else self.value[start:stop],
+            None if self.classes is None else self.classes[rows],
+            None if self.confidence is None else self.confidence[rows],
+            None if self.value is None else self.value[rows],
         )
 
 

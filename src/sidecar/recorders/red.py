@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from sidecar.exchange import Exchange
 from sidecar.recorders.batch import observe_many
+from sidecar.recorders.labels import Children
 
 MODEL_LABELS = ("model_name", "model_version")
 
@@ -41,19 +42,24 @@ class RedRecorder:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         route_labels = [*MODEL_LABELS, "route"]
-        self._requests = Counter(
-            "ml_requests_total",
-            "Requests relayed, by route, method and the status code the client got.",
-            [*route_labels, "method", "code"],
-            registry=registry,
+        self._requests = Children(
+            Counter(
+                "ml_requests_total",
+                "Requests relayed, by route, method and the status code the client got.",
+                [*route_labels, "method", "code"],
+                registry=registry,
+            )
         )
-        self._errors = Counter(
-            "ml_errors_total",
-            "Failed requests by error_type: upstream_5xx and client_4xx are the model server's "
-            "answers; upstream_* and client_disconnect are failures the proxy saw; request_parse, "
-            "response_parse and mapping are instrumentation failures (the reply was unaffected).",
-            [*route_labels, "error_type"],
-            registry=registry,
+        self._errors = Children(
+            Counter(
+                "ml_errors_total",
+                "Failed requests by error_type: upstream_5xx and client_4xx are the model "
+                "server's answers; upstream_* and client_disconnect are failures the proxy saw; "
+                "request_parse, response_parse and mapping are instrumentation failures (the "
+                "reply was unaffected).",
+                [*route_labels, "error_type"],
+                registry=registry,
+            )
         )
         self._duration = Histogram(
             "ml_request_duration_seconds",
@@ -98,8 +104,6 @@ class RedRecorder:
             registry=registry,
         )
         self._per_route: dict[tuple[str, str, str], _RouteChildren] = {}
-        self._errors_by_key: dict[tuple[str, str, str, str], Counter] = {}
-        self._requests_by_key: dict[tuple[str, str, str, str, str], Counter] = {}
 
     def in_flight(self, model: tuple[str, str]) -> Callable[[float], None]:
         """What adds to the model's in-flight gauge (+1 as a request arrives, -1 as it ends):
@@ -118,7 +122,7 @@ class RedRecorder:
             children.response_size.observe(exchange.response_size)
             children.overhead.observe(max(exchange.total_seconds - exchange.upstream_seconds, 0.0))
         method = exchange.method if exchange.method in _KNOWN_METHODS else "OTHER"
-        self._request_counter(model, route, method, str(exchange.status)).inc()
+        self._requests(*model, route, method, str(exchange.status)).inc()
         failure = error_type(exchange.status, exchange.error)
         if failure is not None:
             self.count_error(model, route, failure)
@@ -148,26 +152,13 @@ class RedRecorder:
         outcomes = Tally((e.method, e.status, e.error) for e in exchanges)
         for (method, status, error), count in outcomes.items():
             label = method if method in _KNOWN_METHODS else "OTHER"
-            self._request_counter(model, route, label, str(status)).inc(count)
+            self._requests(*model, route, label, str(status)).inc(count)
             failure = error_type(status, error)
             if failure is not None:
                 self.count_error(model, route, failure, count)
 
     def count_error(self, model: tuple[str, str], route: str, failure: str, count: int = 1) -> None:
-        key = (*model, route, failure)
-        child = self._errors_by_key.get(key)
-        if child is None:
-            child = self._errors_by_key[key] = self._errors.labels(*key)
-        child.inc(count)
-
-    def _request_counter(
-        self, model: tuple[str, str], route: str, method: str, code: str
-    ) -> Counter:
-        key = (*model, route, method, code)
-        child = self._requests_by_key.get(key)
-        if child is None:
-            child = self._requests_by_key[key] = self._requests.labels(*key)
-        return child
+        self._errors(*model, route, failure).inc(count)
 
     def _children(self, model: tuple[str, str], route: str) -> _RouteChildren:
         key = (*model, route)
