@@ -40,6 +40,7 @@ class CannedUpstream:
     seen: list[dict[str, Any]] = field(default_factory=list)
     sse_release: asyncio.Event = field(default_factory=asyncio.Event)
     slow_started: asyncio.Event = field(default_factory=asyncio.Event)
+    slow_abandoned: asyncio.Event = field(default_factory=asyncio.Event)
     healthy: bool = True
     connections: set[tuple[str, int]] = field(default_factory=set)
     stream_abandoned: asyncio.Event = field(default_factory=asyncio.Event)
@@ -117,7 +118,11 @@ async def _canned_handler(upstream: CannedUpstream, request: web.BaseRequest) ->
         return web.Response(status=int(path.rsplit("/", 1)[1]))
     if path == "/slow":
         upstream.slow_started.set()
-        await asyncio.sleep(5)
+        for _ in range(500):  # about 5 s, unless the proxy hangs up first
+            if request.transport is None or request.transport.is_closing():
+                upstream.slow_abandoned.set()
+                break
+            await asyncio.sleep(0.01)
         return web.Response(text="late")
     if path == "/reset":
         response = web.StreamResponse(

@@ -9,7 +9,8 @@ import socket
 import aiohttp
 import pytest
 
-from tests.conftest import BIG, free_port, sample, scrape, settled
+from sidecar.app import Sidecar
+from tests.conftest import BIG, CannedUpstream, free_port, sample, scrape, settled
 
 
 async def test_upstream_down_gives_502_json(client, start_sidecar):
@@ -99,3 +100,131 @@ async def test_a_request_waiting_for_the_upstream_is_in_progress(canned_upstream
         with contextlib.suppress(asyncio.CancelledError):
             await waiting
     await settled(sidecar, "ml_requests_in_progress", 0)
+
+
+# A request that finds an idle pooled connection is answered from callbacks, without a task
+# (proxy/server.py): the same failures, after a first request has left a connection idle.
+
+
+async def warm(client: aiohttp.ClientSession, sidecar: Sidecar, upstream: CannedUpstream) -> None:
+    """One request, so that the next finds an idle upstream connection."""
+    async with client.post(sidecar.proxy_url + "/echo", data=b"warm") as response:
+        assert await response.read() == b"warm"
+    assert upstream.connections
+
+
+async def test_slow_upstream_gives_504_on_a_pooled_connection(
+    client, canned_upstream, start_sidecar
+):
+    sidecar = await start_sidecar(canned_upstream.url, upstream_timeout=0.3)
+    await warm(client, sidecar, canned_upstream)
+    opened = len(canned_upstream.connections)
+    async with client.get(sidecar.proxy_url + "/slow") as response:
+        assert response.status == 504
+        assert (await response.json())["error"] == "upstream timed out"
+    assert len(canned_upstream.connections) == opened  # it went out on the pooled one
+    text = await scrape(sidecar)
+    assert sample(text, "ml_errors_total", error_type="upstream_timeout") == 1
+    # The timed-out connection is not reused: a late reply must not answer the next request.
+    async with client.post(sidecar.proxy_url + "/echo", data=b"next") as response:
+        assert await response.read() == b"next"
+
+
+async def test_reset_mid_body_on_a_pooled_connection(client, canned_upstream, sidecar):
+    await warm(client, sidecar, canned_upstream)
+    async with client.get(sidecar.proxy_url + "/reset") as response:
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    text = await scrape(sidecar)
+    assert sample(text, "ml_errors_total", error_type="upstream_reset") == 1
+
+
+async def test_hanging_up_while_a_pooled_request_waits(client, canned_upstream, sidecar):
+    """The client leaves before the reply: the upstream request is dropped at once, the
+    exchange counted once, and nothing stays in progress."""
+    await warm(client, sidecar, canned_upstream)
+    async with aiohttp.ClientSession() as session:
+        waiting = asyncio.ensure_future(session.get(sidecar.proxy_url + "/slow"))
+        await asyncio.wait_for(canned_upstream.slow_started.wait(), timeout=10)
+        assert sample(await scrape(sidecar), "ml_requests_in_progress") == 1
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+    await asyncio.wait_for(canned_upstream.slow_abandoned.wait(), timeout=3)
+    text = await settled(sidecar, "ml_requests_in_progress", 0)
+    assert sample(text, "ml_errors_total", error_type="client_disconnect") == 1
+
+
+class ForgetfulUpstream:
+    """Answers the first request on each connection (keep-alive), then meets the next one on it
+    with `second`: nothing (a close, as when the upstream dropped an idle connection just as
+    the request went out) or the start of an answer before the close. `connections` counts
+    those that carried a request for /p (the readiness probe opens its own)."""
+
+    def __init__(self, second: bytes) -> None:
+        self.second = second
+        self.connections = 0
+        self.url = ""
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> ForgetfulUpstream:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        counted = False
+        for answer in (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", self.second):
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break  # closed by the proxy
+            if head.startswith(b"POST /p ") and not counted:
+                self.connections += 1
+                counted = True
+            length = next(
+                (int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                 if line.lower().startswith(b"content-length:")),
+                0,
+            )  # fmt: skip
+            await reader.readexactly(length)
+            writer.write(answer)
+            await writer.drain()
+        writer.close()
+
+
+async def test_a_pooled_connection_closed_unanswered_is_retried_on_a_fresh_one(
+    client, start_sidecar
+):
+    """Closed before any reply byte: the request could not have been read, so it is sent
+    again on a new connection, and the client never hears of it."""
+    async with ForgetfulUpstream(second=b"") as upstream:
+        sidecar = await start_sidecar(upstream.url)
+        for _ in range(3):
+            async with client.post(sidecar.proxy_url + "/p", data=b"{}") as response:
+                assert (response.status, await response.read()) == (200, b"ok")
+        # Each request after the first met a pooled connection's close, and was retried on a
+        # new connection, which the next request then found pooled.
+        assert upstream.connections == 3
+        text = await scrape(sidecar)
+        assert sample(text, "ml_requests_total", code="200") == 3
+        assert sample(text, "ml_errors_total", error_type="upstream_reset") is None
+
+
+async def test_a_pooled_connection_closed_mid_answer_is_not_retried(client, start_sidecar):
+    """Some of the reply came: the upstream may have acted on the request, so no retry."""
+    async with ForgetfulUpstream(second=b"HTTP/1.1 200 OK\r\nContent-Le") as upstream:
+        sidecar = await start_sidecar(upstream.url)
+        async with client.post(sidecar.proxy_url + "/p", data=b"{}") as response:
+            assert await response.read() == b"ok"
+        async with client.post(sidecar.proxy_url + "/p", data=b"{}") as response:
+            assert response.status == 502
+            assert (await response.json())["error"] == "upstream closed the connection"
+        assert upstream.connections == 1
+        text = await scrape(sidecar)
+        assert sample(text, "ml_errors_total", error_type="upstream_reset") == 1

@@ -5,13 +5,16 @@ response object for every request: on one core it answers about 16k requests/s w
 body, where a bare asyncio.Protocol on llhttp answers over 100k. The relay needs none of it:
 the request line and raw header bytes in, raw bytes out. So this module does only HTTP/1.1
 itself (parsing, message framing, keep-alive, pipelining, flow control, graceful close) and
-hands each request to a handler coroutine, which answers through the connection's send_*
-methods.
+hands each request to a handler, which answers through the connection's send_* methods.
 
-One request is answered at a time per connection, by one task that lives as long as the
-connection does (cheaper than a task per request; cancelling it on hang-up still ends the
-request in progress, upstream included). Pipelined requests wait in order, and reading pauses
-while any wait, so a client cannot queue without bound.
+The handler is called as soon as a request is parsed, from the protocol callback. It either
+takes the request on from there with callbacks of its own (the proxy does so for a whole
+request that finds an idle upstream connection: most requests, and no task to switch to), and
+says when it is done with `finished()`; or it returns an awaitable, which the connection runs
+in a task. A task is cancelled when the client hangs up, which ends the request in progress,
+upstream included; a handler working from callbacks hears of it through `on_hang_up`. One
+request is answered at a time per connection. Pipelined requests wait in order, and reading
+pauses while any wait, so a client cannot queue without bound.
 """
 
 from __future__ import annotations
@@ -27,10 +30,13 @@ import httptools
 
 from sidecar.proxy.bodies import BodyBuffer
 from sidecar.proxy.headers import RawHeaders, field_line, parse_length, scan
+from sidecar.proxy.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[["Request", "HttpConnection"], Awaitable[None]]
+Handler = Callable[["Request", "HttpConnection"], Awaitable[None] | None]
+"""Answers a request: an awaitable to run in a task, or None once it has taken the request on
+from callbacks (it then calls HttpConnection.finished(), see the module's docstring)."""
 
 # Request line and headers together, like nginx's 4 x 8 KiB large_client_header_buffers (more
 # generous): beyond it the client gets 431 and the connection closes.
@@ -147,14 +153,15 @@ class HttpConnection(asyncio.Protocol):
         "_collecting",
         "_current",
         "_done",
+        "_hang_up",
         "_head_sent",
         "_head_size",
         "_headers",
+        "_held",
         "_keep",
         "_linger",
         "_loop",
         "_lost",
-        "_next",
         "_parser",
         "_parsing",
         "_queue",
@@ -188,14 +195,16 @@ class HttpConnection(asyncio.Protocol):
         self._chunks: list[bytes] = []  # that body, while it is small enough to wait for
         self._collecting = False  # decided: wait for the whole (small) body before dispatching
         self._reader: BodyReader | None = None  # that body, when the handler already has it
-        # The request being answered, those pipelined behind it, and who answers them.
+        # The request being answered, those pipelined behind it, and how it is answered: by a
+        # task, or from callbacks that want to hear if the client hangs up.
         self._current: Request | None = None
         self._queue: collections.deque[Request] = collections.deque()
         self._worker: asyncio.Task[None] | None = None
-        self._next: asyncio.Future[Request] | None = None  # the worker waits for a request
+        self._hang_up: Callable[[], None] | None = None
         self._broken: bytes | None = None  # unparseable input: this answer once the queue is done
         self._linger: asyncio.TimerHandle | None = None
-        # The response being written.
+        # The response being written, and what of it waits for the end of the loop's turn.
+        self._held = b""
         self._head_sent = False
         self._done = False
         self._chunked = False
@@ -250,13 +259,16 @@ class HttpConnection(asyncio.Protocol):
             self._reader.fail(ConnectionResetError(_GONE))
         if self._write_waiter is not None and not self._write_waiter.done():
             self._write_waiter.set_result(None)
-        if self._worker is None or self._worker.done():
-            self._server.forget(self)
+        if self._worker is not None and not self._worker.done():
+            # Cancelling the task ends the request in progress, upstream included. A callback,
+            # not the task's own finally: a task cancelled before its first step never runs it.
+            self._worker.cancel()
+            self._worker.add_done_callback(lambda _: self._server.forget(self))
             return
-        # Cancelling the worker ends the request in progress, upstream included. A callback, not
-        # the task's own finally: a task cancelled before its first step never runs its body.
-        self._worker.cancel()
-        self._worker.add_done_callback(lambda _: self._server.forget(self))
+        hang_up, self._hang_up = self._hang_up, None
+        if hang_up is not None:
+            hang_up()
+        self._server.forget(self)
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -330,46 +342,75 @@ class HttpConnection(asyncio.Protocol):
         self._dispatch(request)
 
     def _dispatch(self, request: Request) -> None:
-        if self._worker is None:
-            self._worker = self._loop.create_task(self._work(request))
-        elif self._next is not None and not self._next.done():
-            self._next.set_result(request)
+        if self._current is None:
+            self._start(request)
         else:
             self._queue.append(request)
             self._update_reading()
 
-    async def _work(self, request: Request) -> None:
-        """Answer the connection's requests in order, for as long as it stays open."""
-        while True:
-            self._current = request
-            self._head_sent = self._done = self._chunked = False
-            self._keep = request.keep_alive and not self.draining
-            try:
-                await self._server.handler(request, self)
-            except Exception:  # a bug in the handler: the client must not wait for ever
-                log.exception("request handler failed", extra={"method": request.method})
-                if not self._head_sent and not self._lost:
-                    self._write(_SERVER_ERROR)
-                self._keep = False
-            self._current = None
-            self.idle_since = self._loop.time()
-            if isinstance(request.body, BodyReader) and not request.body.complete:
-                self._keep = False  # answered before the body was read: the rest is in the way
-            if not (self._done and self._keep) or self.draining:
-                self._close()
-                return
-            if self._queue:
-                request = self._queue.popleft()
-                self._update_reading()
-                continue
-            if self._broken is not None:
-                self._last_word(self._broken)
-                return
-            self._next = self._loop.create_future()
-            try:
-                request = await self._next
-            finally:
-                self._next = None
+    def _start(self, request: Request) -> None:
+        self._current = request
+        self._head_sent = self._done = self._chunked = False
+        self._keep = request.keep_alive and not self.draining
+        try:
+            pending = self._server.handler(request, self)
+        except Exception:
+            self._handler_failed(request)
+            self.finished()
+            return
+        if pending is not None:
+            self.continue_with(pending)
+
+    def continue_with(self, pending: Awaitable[None]) -> None:
+        """The request in progress goes on in a task (cancelled if the client hangs up), which
+        calls finished() when `pending` is done."""
+        self._hang_up = None
+        self._worker = self._loop.create_task(self._run(pending))
+
+    def on_hang_up(self, callback: Callable[[], None]) -> None:
+        """Call `callback` if the client leaves before the request in progress is finished()."""
+        self._hang_up = callback
+
+    async def _run(self, pending: Awaitable[None]) -> None:
+        request = self._current
+        try:
+            await pending
+        except Exception:  # a bug in the handler: the client must not wait for ever
+            if request is not None:
+                self._handler_failed(request)
+        self._worker = None
+        self.finished()
+
+    def handler_failed(self) -> None:
+        """Called from an except block by a handler working from callbacks: it has a bug. The
+        client gets a 500 if its answer has not begun, and the connection closes."""
+        if self._current is not None:
+            self._handler_failed(self._current)
+        self.finished()
+
+    def _handler_failed(self, request: Request) -> None:
+        log.exception("request handler failed", extra={"method": request.method})
+        if not self._head_sent and not self._lost:
+            self._write(_SERVER_ERROR)
+        self._keep = False
+
+    def finished(self) -> None:
+        """The request in progress is answered: on to the next, or close."""
+        request, self._current = self._current, None
+        self._hang_up = None
+        if request is None or self._lost:
+            return
+        self.idle_since = self._loop.time()
+        if isinstance(request.body, BodyReader) and not request.body.complete:
+            self._keep = False  # answered before the body was read: the rest is in the way
+        if not (self._done and self._keep) or self.draining:
+            self._close()
+        elif self._queue:
+            following = self._queue.popleft()
+            self._update_reading()
+            self._start(following)
+        elif self._broken is not None:
+            self._last_word(self._broken)
 
     def _reject(self, answer: bytes) -> None:
         """Unparseable input: answer it (after the requests before it), then close. From here
@@ -388,6 +429,8 @@ class HttpConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or self._lost:
             return
+        if self._held:
+            self.flush()
         transport.write(answer)
         if not transport.can_write_eof():
             self._close()
@@ -459,7 +502,10 @@ class HttpConnection(asyncio.Protocol):
         self._done = end
         lines.append(b"")  # the blank line that ends the head
         lines.append(body)
-        self._write(b"\r\n".join(lines))
+        if end:
+            self._write_soon(b"\r\n".join(lines))  # a whole reply: see proxy/outbox.py
+        else:
+            self._write(b"\r\n".join(lines))
 
     def send_body(self, chunk: bytes) -> None:
         """More body bytes, after send_head; then check `writing_paused`."""
@@ -506,15 +552,36 @@ class HttpConnection(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         if self._lost or self._transport is None or self._transport.is_closing():
             raise ConnectionResetError(_GONE)
+        if self._held:
+            self.flush()
         self._transport.write(data)
 
     def _write_all(self, parts: tuple[bytes, ...]) -> None:
         if self._lost or self._transport is None or self._transport.is_closing():
             raise ConnectionResetError(_GONE)
+        if self._held:
+            self.flush()
         self._transport.writelines(parts)  # no copy of a large chunk just to frame it
+
+    def _write_soon(self, data: bytes) -> None:
+        """Write `data` at the end of the loop's turn, with the other connections' replies."""
+        if self._lost or self._transport is None or self._transport.is_closing():
+            raise ConnectionResetError(_GONE)
+        if not self._held:
+            self._server.outbox.hold(self)
+        self._held += data
+
+    def flush(self) -> None:
+        """Write what _write_soon held (the outbox calls this)."""
+        data, self._held = self._held, b""
+        transport = self._transport
+        if data and not self._lost and transport is not None and not transport.is_closing():
+            transport.write(data)
 
     def _close(self) -> None:
         if self._transport is not None:
+            if self._held:
+                self.flush()
             self._transport.close()
 
     # Used by the server
@@ -566,6 +633,7 @@ class Http1Server:
         # else its handler waits in drain() for ever, holding the upstream request.
         self.send_timeout = send_timeout
         self.connections: set[HttpConnection] = set()
+        self.outbox = Outbox()
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._all_gone: asyncio.Future[None] | None = None

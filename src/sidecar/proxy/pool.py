@@ -13,12 +13,13 @@ import asyncio
 import math
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
-from typing import cast
+from typing import Protocol, cast
 
 import httptools
 
 from sidecar.proxy.bodies import BodyBuffer
 from sidecar.proxy.headers import field_line, parse_length, scan
+from sidecar.proxy.outbox import Outbox
 from sidecar.proxy.upstream import (
     UpstreamError,
     UpstreamReset,
@@ -46,7 +47,7 @@ class UpstreamResponse(BodyBuffer):
     )
 
     def __init__(
-        self, connection: _Connection, status: int, reason: bytes, raw_headers: RawHeaders
+        self, connection: UpstreamConnection, status: int, reason: bytes, raw_headers: RawHeaders
     ) -> None:
         super().__init__(connection)
         self._connection = connection
@@ -80,7 +81,33 @@ class UpstreamResponse(BodyBuffer):
             self.fail(UpstreamTimeout(msg))
 
 
-class _Connection(asyncio.Protocol):
+class ReplyListener(Protocol):
+    """Told once what became of a request sent on a connection: its reply's head arrived (with
+    all of the body that came in the same read), or it failed before that."""
+
+    def reply_head(self, response: UpstreamResponse) -> None: ...
+
+    def reply_failed(self, error: UpstreamError) -> None: ...
+
+
+class _HeadFuture:
+    """The listener of a sender that awaits the reply's head."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.future: asyncio.Future[UpstreamResponse] = loop.create_future()
+
+    def reply_head(self, response: UpstreamResponse) -> None:
+        if not self.future.done():
+            self.future.set_result(response)
+
+    def reply_failed(self, error: UpstreamError) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection; llhttp calls the on_* methods as it parses."""
 
     def __init__(self, pool: UpstreamPool, loop: asyncio.AbstractEventLoop) -> None:
@@ -90,9 +117,11 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._response: UpstreamResponse | None = None
+        self._held = b""  # a request written at the end of the loop's turn: see proxy/outbox.py
         self._reason = b""  # of the response being parsed
         self._raw_headers: list[tuple[bytes, bytes]] = []  # of the response being parsed
-        self._head: asyncio.Future[UpstreamResponse] | None = None
+        self._listener: ReplyListener | None = None  # of the request sent, until its head came
+        self._announce: UpstreamResponse | None = None  # a head parsed in this read, not yet told
         self._informational = False
         self._keep_alive = False
         self._until_close = False  # the response's body ends where the connection does
@@ -111,10 +140,17 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received_any = True
+        error = None
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamReset(f"unparseable response from the upstream: {exc}"))
+            error = UpstreamReset(f"unparseable response from the upstream: {exc}")
+        # The head is told once the whole read is parsed: a small reply's body, which comes in
+        # the same read, is then complete, and its listener can answer without waiting.
+        if self._announce is not None:
+            self._tell_head(self._announce)
+        if error is not None:
+            self._fail(error)
             self.close()
 
     def eof_received(self) -> bool | None:
@@ -163,9 +199,8 @@ class _Connection(asyncio.Protocol):
         self._until_close = (
             not self._keep_alive and response.content_length is None and not _chunked(raw_headers)
         )
-        if self._head is not None and not self._head.done():
-            self.deadline = math.inf
-            self._head.set_result(response)
+        if self._listener is not None:
+            self._announce = response
 
     def on_body(self, body: bytes) -> None:
         if self._response is not None and not self._informational:
@@ -177,11 +212,30 @@ class _Connection(asyncio.Protocol):
 
     # Used by the pool and the response.
 
-    def send(self, data: bytes) -> asyncio.Future[UpstreamResponse]:
-        """Write a whole request; the future gets the response's head."""
-        assert self._transport is not None
-        self._transport.write(data)
-        return self._expect_response()
+    def _tell_head(self, response: UpstreamResponse) -> None:
+        self._announce = None
+        self.deadline = math.inf
+        listener, self._listener = self._listener, None
+        if self.skip_body:
+            # llhttp cannot be told a HEAD reply has no body: take the head, then retire the
+            # connection instead of waiting for a body that never comes.
+            response.finish()
+            self.closed = True
+        if listener is not None:
+            listener.reply_head(response)
+
+    def send(self, data: bytes, listener: ReplyListener) -> None:
+        """Write a whole request (at the end of the loop's turn); `listener` hears of its reply."""
+        if not self._held:
+            self._pool.outbox.hold(self)
+        self._held += data
+        self._expect_response(listener)
+
+    def flush(self) -> None:
+        """Write the request that send() held (the outbox calls this)."""
+        data, self._held = self._held, b""
+        if data and not self.closed and self._transport is not None:
+            self._transport.write(data)
 
     async def send_stream(
         self, head: bytes, body: AsyncIterator[bytes], chunked: bool
@@ -200,33 +254,26 @@ class _Connection(asyncio.Protocol):
                 await self._writable
         if chunked and not self.closed:
             self._transport.write(b"0\r\n\r\n")
-        return await self._expect_response()
+        listener = _HeadFuture(self.loop)
+        self._expect_response(listener)
+        return await listener.future
 
-    def _expect_response(self) -> asyncio.Future[UpstreamResponse]:
-        head: asyncio.Future[UpstreamResponse] = self.loop.create_future()
-        self._head = head
+    def _expect_response(self, listener: ReplyListener) -> None:
         if self.closed:  # gone while the body was being sent
-            head.set_exception(UpstreamReset("upstream closed the connection"))
-        elif self.skip_body:
-            # llhttp cannot be told a HEAD reply has no body: take the head, then retire the
-            # connection instead of waiting for a body that never comes.
-            head.add_done_callback(lambda head: self._end_head_only(head))
+            listener.reply_failed(UpstreamReset("upstream closed the connection"))
+            return
+        self._listener = listener
         self.deadline = self.loop.time() + self.read_timeout
-        return head
 
     def time_out(self) -> None:
         """The upstream has been silent for read_timeout: fail whatever waits for it."""
         self.deadline = math.inf
-        if self._head is not None and not self._head.done():
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
             msg = f"no response from the upstream within {self.read_timeout} s"
-            self._head.set_exception(UpstreamTimeout(msg))
+            listener.reply_failed(UpstreamTimeout(msg))
         elif self._response is not None:
             self._response.time_out()
-
-    def _end_head_only(self, head: asyncio.Future[UpstreamResponse]) -> None:
-        if not head.cancelled() and head.exception() is None:
-            head.result().finish()
-            self.closed = True
 
     def body_full(self) -> None:
         if not self._paused and self._transport is not None:
@@ -240,18 +287,22 @@ class _Connection(asyncio.Protocol):
 
     def finish(self, reusable: bool) -> None:
         self._response = None
-        self._head = None
+        self._listener = None
         self.deadline = math.inf
         self._pool.give_back(self, reusable and not self.closed and self._keep_alive)
 
     def close(self) -> None:
+        """Close, forgetting the request in progress: nobody is told of its reply any more."""
         self.closed = True
+        self._listener = self._announce = None
+        self._held = b""  # a request not yet sent is not sent
         if self._transport is not None:
             self._transport.close()
 
     def _fail(self, error: UpstreamError) -> None:
-        if self._head is not None and not self._head.done():
-            self._head.set_exception(error)
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            listener.reply_failed(error)
         elif self._response is not None:
             self._response.fail(error)
 
@@ -267,8 +318,9 @@ class UpstreamPool:
         self._tls = ssl.create_default_context() if tls else None
         self._connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self._idle: list[_Connection] = []
-        self._busy: set[_Connection] = set()
+        self._idle: list[UpstreamConnection] = []
+        self._busy: set[UpstreamConnection] = set()
+        self.outbox = Outbox()
         self._watch: asyncio.Task[None] | None = None
         self._host_header = f"{host}:{port}".encode("latin-1")
 
@@ -289,45 +341,78 @@ class UpstreamPool:
         the caller has it, is what headers.scan found in `headers`: it saves looking for Host
         and Content-Length again.
         """
-        if self._watch is None:
-            self._watch = asyncio.get_running_loop().create_task(self._time_out_silent())
+        self._start_watch()
         head, chunked = self._head(method, target, headers, body, noted)
-        connection = self._idle.pop() if self._idle else None
-        while connection is not None and connection.closed:
-            connection = self._idle.pop() if self._idle else None
+        connection = self.idle_connection()
         if connection is not None:
             try:
                 return await self._send(connection, method, head, body, chunked)
             except UpstreamReset:
-                self._drop(connection)
+                self.drop(connection)
                 if connection.received_any or not isinstance(body, bytes | None):
                     raise
             except BaseException:  # a timeout, or the client gone: a late reply must not be read
-                self._drop(connection)
+                self.drop(connection)
                 raise
         connection = await self._open()
         try:
             return await self._send(connection, method, head, body, chunked)
         except BaseException:
-            self._drop(connection)
+            self.drop(connection)
             raise
 
+    def idle_connection(self) -> UpstreamConnection | None:
+        """A pooled connection still open, taken out of the pool; None if there is none."""
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed:
+                return connection
+        return None
+
+    def send_whole(
+        self,
+        connection: UpstreamConnection,
+        method: str,
+        target: bytes,
+        headers: RawHeaders,
+        body: bytes | None,
+        noted: Mapping[bytes, bytes],
+        listener: ReplyListener,
+    ) -> None:
+        """Send a request whose body is all here on `connection` (from idle_connection), and
+        return: `listener` hears of the reply. request() for a caller that answers from
+        callbacks. On reply_failed that caller drops the connection; after an UpstreamReset
+        before any reply byte (`received_any`) it may retry with request(), as request() itself
+        does: the upstream may have closed the connection while it was idle."""
+        self._start_watch()
+        head, _ = self._head(method, target, headers, body, noted)
+        self._lend(connection, method)
+        connection.send(head + body if body else head, listener)
+
+    def _start_watch(self) -> None:
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._time_out_silent())
+
     def _send(
-        self, connection: _Connection, method: str, head: bytes, body: Body, chunked: bool
+        self, connection: UpstreamConnection, method: str, head: bytes, body: Body, chunked: bool
     ) -> Awaitable[UpstreamResponse]:
-        self._busy.add(connection)
-        connection.skip_body = method == "HEAD"
-        if isinstance(body, bytes):
-            return connection.send(head + body)
-        if body is None:
-            return connection.send(head)
+        self._lend(connection, method)
+        if isinstance(body, bytes | None):
+            listener = _HeadFuture(connection.loop)
+            connection.send(head + body if body else head, listener)
+            return listener.future
         return connection.send_stream(head, body, chunked)
 
-    def _drop(self, connection: _Connection) -> None:
+    def _lend(self, connection: UpstreamConnection, method: str) -> None:
+        self._busy.add(connection)
+        connection.skip_body = method == "HEAD"
+
+    def drop(self, connection: UpstreamConnection) -> None:
+        """Close a connection whose reply will not be read."""
         self._busy.discard(connection)
         connection.close()
 
-    def give_back(self, connection: _Connection, reusable: bool) -> None:
+    def give_back(self, connection: UpstreamConnection, reusable: bool) -> None:
         self._busy.discard(connection)
         if reusable and len(self._idle) < _MAX_IDLE:
             connection.received_any = False
@@ -358,12 +443,12 @@ class UpstreamPool:
             for connection in [c for c in self._busy if c.deadline < now]:
                 connection.time_out()
 
-    async def _open(self) -> _Connection:
+    async def _open(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, connection = await loop.create_connection(
-                    lambda: _Connection(self, loop), self._host, self._port, ssl=self._tls
+                    lambda: UpstreamConnection(self, loop), self._host, self._port, ssl=self._tls
                 )
         except TimeoutError:
             msg = f"connecting to {self._host}:{self._port} took over {self._connect_timeout} s"

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any
 
 from multidict import CIMultiDict
@@ -19,8 +19,8 @@ from multidict import CIMultiDict
 from sidecar.exchange import Exchange, ExchangeObserver
 from sidecar.proxy.headers import REQUEST_ID, HeaderView, RawHeaders, new_request_id, parse_length
 from sidecar.proxy.http1 import BodyReader, HttpConnection, Request
-from sidecar.proxy.pool import UpstreamPool, UpstreamResponse
-from sidecar.proxy.upstream import UpstreamError
+from sidecar.proxy.pool import UpstreamConnection, UpstreamPool, UpstreamResponse
+from sidecar.proxy.upstream import UpstreamError, UpstreamReset
 from sidecar.proxy.usage import UsageFilter, ask_for_usage, usage_filter
 
 # Bodies up to this size are read whole and sent with their Content-Length; larger ones stream
@@ -37,6 +37,13 @@ _MAX_ARRIVALS = 100_000  # timing entries kept per response; the body cap bounds
 Body = bytes | AsyncIterator[bytes] | None
 
 
+class _Unread:
+    """The request body has not been taken from the client yet."""
+
+
+_UNREAD = _Unread()
+
+
 class ProxyHandler:
     """One call per request on the proxy port (an http1.Handler)."""
 
@@ -47,55 +54,130 @@ class ProxyHandler:
         *,
         max_body_bytes: int,
     ) -> None:
-        self._pool = pool
-        self._observer = observer
-        self._max_body = max_body_bytes
+        self.pool = pool
+        self.observer = observer
+        self.max_body = max_body_bytes
         self.whole_body_limit = min(max_body_bytes, WHOLE_BODY_LIMIT)
 
-    async def __call__(self, request: Request, client: HttpConnection) -> None:
-        ticket = self._observer.begin(request.method, request.path)
-        record = _Record(ticket.capture_bodies, self._max_body)
+    def __call__(self, request: Request, client: HttpConnection) -> Awaitable[None] | None:
+        """A request that is all here and finds an idle upstream connection is sent at once and
+        answered from the upstream connection's callbacks: no task, no await (most requests).
+        Any other goes on as a coroutine."""
+        exchange = _Exchange(self, request, client)
+        body = request.body
+        if (
+            not isinstance(body, BodyReader)
+            and b"expect" not in request.noted
+            and not exchange.ticket.inject_usage
+            and (upstream := self.pool.idle_connection()) is not None
+        ):
+            exchange.send_now(upstream, body)
+            return None
+        return exchange.run()
+
+
+class _Exchange:
+    """One request on its way through: sent and answered from callbacks (send_now) or by a
+    coroutine (run), which the callbacks hand over to when they would have to wait."""
+
+    __slots__ = ("_body", "_client", "_connection", "_handler", "_request", "headers", "record",
+                 "request_id", "ticket")  # fmt: skip
+
+    def __init__(self, handler: ProxyHandler, request: Request, client: HttpConnection) -> None:
+        self._handler = handler
+        self._request = request
+        self._client = client
+        self.ticket = handler.observer.begin(request.method, request.path)
+        self.record = _Record(self.ticket.capture_bodies, handler.max_body)
+        self._connection: UpstreamConnection | None = None  # while send_now's reply is awaited
+        self._body: Body | _Unread = _UNREAD
         headers = request.end_to_end
         found = request.noted.get(b"x-request-id")
         if found:  # the client's id, kept
-            request_id = found.decode("latin-1")
+            self.request_id = found.decode("latin-1")
         else:
-            request_id = new_request_id()
-            headers = [*headers, (_REQUEST_ID, request_id.encode())]
+            self.request_id = new_request_id()
+            headers = [*headers, (_REQUEST_ID, self.request_id.encode())]
+        self.headers = headers
+
+    # From callbacks
+
+    def send_now(self, connection: UpstreamConnection, body: bytes | None) -> None:
+        request, record = self._request, self.record
+        self._connection = connection
+        self._body = record.whole_request(body)
+        record.upstream_started = time.perf_counter()
+        self._handler.pool.send_whole(
+            connection, request.method, request.target, self.headers, self._body, request.noted,
+            self,
+        )  # fmt: skip
+        if self._connection is not None:  # not answered yet, as it would be if the send failed
+            self._client.on_hang_up(self._hang_up)
+
+    def reply_head(self, upstream: UpstreamResponse) -> None:
+        """The upstream's answer to send_now: sent on at once if it came whole."""
+        self._connection = None
+        if not upstream.arrived:
+            self._client.continue_with(self.run(upstream))
+            return
         try:
-            if b"expect" in request.noted:
-                headers = _continue_if_expected(client, headers, request.noted[b"expect"])
-            if isinstance(request.body, BodyReader):
-                body = await self._read_body(request, request.body, record)
-            else:
-                body = record.whole_request(request.body)
-            noted: Mapping[bytes, bytes] | None = request.noted
-            if ticket.inject_usage and isinstance(body, bytes):  # docs/llm.md: bytes change
-                headers, body, record.strip_usage = ask_for_usage(headers, body)
-                noted = None
-            record.upstream_started = time.perf_counter()
+            _reply(upstream, self.request_id, self.record)
+            _send_whole(self._client, upstream, self.record)
+        except ConnectionError:  # the client has gone
+            self.record.fail("client_disconnect")
+        except Exception:  # a bug here: the client must not wait for ever
+            upstream.release()
+            self._tell_observer()
+            self._client.handler_failed()
+            return
+        upstream.release()
+        self._end()
+
+    def reply_failed(self, error: UpstreamError) -> None:
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        self._handler.pool.drop(connection)
+        if isinstance(error, UpstreamReset) and not connection.received_any:
+            # Closed by the upstream while idle, most likely: request() tries a fresh one.
+            self._client.continue_with(self.run())
+            return
+        self.record.fail(error.error_type)
+        _answer_error(self._client, error, self.request_id, self.record)
+        self._end()
+
+    def _hang_up(self) -> None:
+        """The client left while send_now's reply was awaited: the upstream request goes."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            self._handler.pool.drop(connection)
+        self.record.fail("client_disconnect")
+        self._tell_observer()
+
+    def _end(self) -> None:
+        self._tell_observer()
+        self._client.finished()
+
+    def _tell_observer(self) -> None:
+        """What became of the exchange, once it is over."""
+        self._handler.observer.end(
+            self.ticket, self.record.exchange(self._request, self.request_id)
+        )
+
+    # In a task
+
+    async def run(self, upstream: UpstreamResponse | None = None) -> None:
+        """The exchange, or its rest once `upstream` (the reply's head) is here."""
+        client, record = self._client, self.record
+        try:
+            if upstream is None:
+                upstream = await self._send()
+                if upstream is None:
+                    return  # answered with the upstream's failure
             try:
-                upstream = await self._pool.request(
-                    request.method, request.target, headers, body, noted
-                )
-            except Exception as exc:  # every upstream failure maps to an answer and a metric
-                if isinstance(exc, ConnectionError) and not isinstance(exc, UpstreamError):
-                    raise  # the client's body stopped coming: its side failed, not the upstream
-                error = exc if isinstance(exc, UpstreamError) else UpstreamError(repr(exc))
-                record.fail(error.error_type)
-                _answer_error(client, error, request_id, record)
-                return
-            try:
-                strip = _reply(upstream, request_id, record)
+                strip = _reply(upstream, self.request_id, record)
                 if upstream.arrived and strip is None:
-                    # The common case: a small reply, here whole by now. One write, no await.
-                    body = upstream.read_nowait() or b""
-                    record.add(body)
-                    record.upstream_done = time.perf_counter()
-                    client.send_head(
-                        upstream.status, upstream.reason, upstream.headers,
-                        upstream.content_length, body, end=True,
-                    )  # fmt: skip
+                    _send_whole(client, upstream, record)  # here whole by now: no await
                 else:
                     await _relay(client, upstream, record, strip)
             finally:
@@ -108,29 +190,70 @@ class ProxyHandler:
             record.fail("client_disconnect")
             raise
         finally:
-            self._observer.end(ticket, record.exchange(request, request_id))
+            self._tell_observer()
 
-    async def _read_body(self, request: Request, reader: BodyReader, record: _Record) -> Body:
+    async def _send(self) -> UpstreamResponse | None:
+        """The request, sent; the reply's head, or None once the client has the failure."""
+        request, client, record, headers = self._request, self._client, self.record, self.headers
+        if not isinstance(self._body, _Unread):  # after send_now's try: the body is read
+            body = self._body
+        else:
+            if b"expect" in request.noted:
+                headers = _continue_if_expected(client, headers, request.noted[b"expect"])
+            if isinstance(request.body, BodyReader):
+                body = await self._read_body(request.body)
+            else:
+                body = record.whole_request(request.body)
+        noted: Mapping[bytes, bytes] | None = request.noted
+        if self.ticket.inject_usage and isinstance(body, bytes):  # docs/llm.md: bytes change
+            headers, body, record.strip_usage = ask_for_usage(headers, body)
+            noted = None
+        record.upstream_started = time.perf_counter()
+        try:
+            return await self._handler.pool.request(
+                request.method, request.target, headers, body, noted
+            )
+        except Exception as exc:  # every upstream failure maps to an answer and a metric
+            if isinstance(exc, ConnectionError) and not isinstance(exc, UpstreamError):
+                raise  # the client's body stopped coming: its side failed, not the upstream
+            error = exc if isinstance(exc, UpstreamError) else UpstreamError(repr(exc))
+            record.fail(error.error_type)
+            _answer_error(client, error, self.request_id, record)
+            return None
+
+    async def _read_body(self, reader: BodyReader) -> Body:
         """A body still arriving: streamed to the upstream, unless it is small (the client
         waited for 100 Continue before sending it)."""
-        length = parse_length(request.noted.get(b"content-length"))
-        if length is not None and length <= self.whole_body_limit:
+        record, limit = self.record, self._handler.max_body
+        length = parse_length(self._request.noted.get(b"content-length"))
+        if length is not None and length <= self._handler.whole_body_limit:
             return record.whole_request(await reader.read_all())
-        if length is not None and length > self._max_body and record.request_chunks is not None:
+        if length is not None and length > limit and record.request_chunks is not None:
             record.request_chunks = None
             record.truncated = True
-        return self._stream(reader, record)
+        return self._stream(reader)
 
-    async def _stream(self, reader: BodyReader, record: _Record) -> AsyncIterator[bytes]:
+    async def _stream(self, reader: BodyReader) -> AsyncIterator[bytes]:
+        record, limit = self.record, self._handler.max_body
         async for chunk in reader:
             record.request_size += len(chunk)
             if record.request_chunks is not None:
-                if record.request_size <= self._max_body:
+                if record.request_size <= limit:
                     record.request_chunks.append(chunk)
                 else:
                     record.request_chunks = None
                     record.truncated = True
             yield chunk
+
+
+def _send_whole(client: HttpConnection, upstream: UpstreamResponse, record: _Record) -> None:
+    """A reply that has arrived whole: one write."""
+    body = upstream.read_nowait() or b""
+    record.add(body)
+    record.upstream_done = time.perf_counter()
+    client.send_head(
+        upstream.status, upstream.reason, upstream.headers, upstream.content_length, body, end=True
+    )
 
 
 def _reply(upstream: UpstreamResponse, request_id: str, record: _Record) -> UsageFilter | None:
