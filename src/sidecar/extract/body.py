@@ -66,9 +66,13 @@ Decoded = Parsed | _Skipped
 def decode(message: Message) -> Decoded:
     """The parsed JSON body, SKIPPED if there is nothing to parse; BodyError if it is not JSON."""
     headers = message.headers
-    if _BINARY_HEADER in headers or not _is_json_type(headers.get("content-type")):
+    content_type = headers.get("content-type")
+    if content_type is not None and not _is_json_type(content_type):
         return SKIPPED
-    body = _inflate(message.body, headers.get("content-encoding"))
+    if _BINARY_HEADER in headers:
+        return SKIPPED
+    encoding = headers.get("content-encoding")
+    body = message.body if encoding is None else _inflate(message.body, encoding)
     if body is None or not body or body.isspace():
         return SKIPPED
     try:
@@ -85,21 +89,17 @@ def decode(message: Message) -> Decoded:
 
 
 @functools.lru_cache(maxsize=64)  # a server sends one or two distinct values
-def _is_json_type(content_type: str | None) -> bool:
-    if content_type is None:
-        return True
+def _is_json_type(content_type: str) -> bool:
     media = content_type.split(";", 1)[0].strip().lower()
     return media in ("", "application/json", "text/json") or media.endswith("+json")
 
 
-def _inflate(body: bytes, encoding: str | None) -> bytes | None:
+def _inflate(body: bytes, encoding: str) -> bytes | None:
     """The body with its Content-Encoding undone; None for encodings we do not decode (br, zstd).
 
     A body that does not inflate is returned as it is: an HTTP client may already have decoded it
     while the header stayed, and if it really is broken, JSON parsing reports it.
     """
-    if encoding is None:
-        return body
     coding = encoding.strip().lower()
     if coding == "identity":
         return body

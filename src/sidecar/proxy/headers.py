@@ -137,13 +137,13 @@ class HeaderView(Mapping[str, str]):
     def _find(self, name: str) -> bytes | None:
         """The raw value of the first header called `name` (any case), or None."""
         wanted = _LOWERED.get(name)
+        if wanted is not None and self._noted is not None:
+            return self._noted.get(wanted)
         if wanted is None:
             try:
                 wanted = name.encode("latin-1").lower()  # as the names were: bytes.lower()
             except UnicodeEncodeError:
                 return None  # no raw name decodes to it
-        if self._noted is not None and wanted in _READ_BY_EXTRACTION:
-            return self._noted.get(wanted)
         names = self._names
         if names is None:
             names = self._names = [field.lower() for field, _ in self._raw]
