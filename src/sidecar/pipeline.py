@@ -147,7 +147,8 @@ class Pipeline:
         return ticket
 
     def end(self, ticket: Ticket, exchange: Exchange) -> None:
-        ticket.in_flight(-1)
+        # The in-flight gauge comes down at the drain, by a route's count at once: a scrape
+        # drains first, so it never sees the difference.
         wanted = ticket.capture_bodies and (
             (200 <= exchange.status < 300 and exchange.error is None)
             or (ticket.llm and _cut_short(exchange))  # counted in _observe_payload
@@ -184,6 +185,7 @@ class Pipeline:
         for ticket, exchange, wanted in pending:
             groups.setdefault(ticket, []).append((exchange, wanted))
         for ticket, items in groups.items():
+            ticket.in_flight(-len(items))
             try:
                 self._red.record_many(ticket.model, ticket.route.name, [e for e, _ in items])
             except Exception:  # instrumentation never fails a request

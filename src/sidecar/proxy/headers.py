@@ -162,12 +162,22 @@ class HeaderView(Mapping[str, str]):
     @overload
     def get(self, name: str, /, default: str | _T) -> str | _T: ...
     def get(self, name: str, /, default: object = None) -> object:
-        # Mapping.get would go through __getitem__ and a KeyError for every absent header.
-        value = self._find(name)
+        # Mapping.get would go through __getitem__ and a KeyError for every absent header. The
+        # names extraction asks for are looked up here, without a call to _find.
+        wanted = _LOWERED.get(name)
+        if wanted is not None and self._noted is not None:
+            value = self._noted.get(wanted)
+        else:
+            value = self._find(name)
         return default if value is None else value.decode("latin-1")
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and self._find(name) is not None
+        if not isinstance(name, str):
+            return False
+        wanted = _LOWERED.get(name)
+        if wanted is not None and self._noted is not None:
+            return wanted in self._noted
+        return self._find(name) is not None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._headers())
