@@ -96,8 +96,10 @@ class Pipeline:
         registry.register(self._drift)
         self._drift_for((config.model_name, config.model_version))  # its series exist from start
         self.feedback = FeedbackRecorder(registry, config, dropped=self._dropped, overflow=overflow)
-        # Exchanges ended since the last drain, and whether their payloads are to be read.
+        # Exchanges ended since the last drain, and whether their payloads are to be read; the
+        # requests begun since then, per ticket.
         self._pending: list[tuple[Ticket, Exchange, bool]] = []
+        self._arrived: dict[Ticket, int] = {}
         self._queued_payloads = 0  # bounded by record_queue_size; the rest are counted as dropped
         self._drain_handle: asyncio.Handle | None = None
         self._complaints = RateLimitedLog(log)
@@ -120,7 +122,12 @@ class Pipeline:
         ticket = self._by_path.get((method, path))
         if ticket is None:
             ticket = self._ticket(method, path)
-        ticket.in_flight(1)
+        # The in-flight gauge moves at the drain, by each route's arrivals less its ends: a
+        # gauge update is a lock (a locked file write with --workers) and is made per drain,
+        # not twice per request. A scrape drains first, so it never sees the difference.
+        self._arrived[ticket] = self._arrived.get(ticket, 0) + 1
+        if self._drain_handle is None:
+            self._drain_handle = asyncio.get_running_loop().call_later(DRAIN_DELAY, self._drain)
         return ticket
 
     def _ticket(self, method: str, path: str) -> Ticket:
@@ -147,8 +154,6 @@ class Pipeline:
         return ticket
 
     def end(self, ticket: Ticket, exchange: Exchange) -> None:
-        # The in-flight gauge comes down at the drain, by a route's count at once: a scrape
-        # drains first, so it never sees the difference.
         wanted = ticket.capture_bodies and (
             (200 <= exchange.status < 300 and exchange.error is None)
             or (ticket.llm and _cut_short(exchange))  # counted in _observe_payload
@@ -179,13 +184,17 @@ class Pipeline:
     def _drain(self) -> None:
         self._drain_handle = None
         pending, self._pending = self._pending, []
+        arrived, self._arrived = self._arrived, {}
         self._queued_payloads = 0
         # Tickets are shared by the exchanges of one route and model (see begin()).
         groups: dict[Ticket, list[tuple[Exchange, bool]]] = {}
         for ticket, exchange, wanted in pending:
             groups.setdefault(ticket, []).append((exchange, wanted))
+        for ticket in arrived.keys() | groups.keys():
+            change = arrived.get(ticket, 0) - len(groups.get(ticket, ()))
+            if change:
+                ticket.in_flight(change)
         for ticket, items in groups.items():
-            ticket.in_flight(-len(items))
             try:
                 self._red.record_many(ticket.model, ticket.route.name, [e for e, _ in items])
             except Exception:  # instrumentation never fails a request

@@ -106,9 +106,9 @@ class RedRecorder:
         self._per_route: dict[tuple[str, str, str], _RouteChildren] = {}
 
     def in_flight(self, model: tuple[str, str]) -> Callable[[float], None]:
-        """What adds to the model's in-flight gauge (+1 as a request arrives, -1 as it ends):
-        the child's value store, as recorders.batch uses it. Gauge.inc() checks its labels again
-        on every call, half as much again as the update itself, twice per request."""
+        """What adds to the model's in-flight gauge (the pipeline adds arrivals less ends at
+        each drain): the child's value store, as recorders.batch uses it. Gauge.inc() checks
+        its labels again on every call, half as much again as the update itself."""
         child: Gauge = self._in_progress.labels(*model)
         add: Callable[[float], None] = child._value.inc
         return add
