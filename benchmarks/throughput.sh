@@ -18,19 +18,25 @@ echo "== --workers 1 vs --workers 2, all of them on CPU 1; upstream and wrk on C
 # Two workers can only double the rate on two cores the load generator does not need; this
 # machine has none to spare. What carries over to free cores is the CPU a request costs (all
 # worker processes, user + system) and how evenly SO_REUSEPORT spreads the requests (each
-# worker's share of that CPU), so both workers share CPU 1 here, out of the way of wrk.
+# worker's share of that CPU), so both workers share CPU 1 here, out of the way of wrk. Sharing
+# one core, each worker also sees half the connections and half the rate, and so records in
+# smaller batches: that cost per request is a pessimistic bound for two free cores. The last run,
+# one process with half the connections, is what each of two workers on its own core would see
+# (less the metric files of --workers): twice its rate is the optimistic bound.
 start_upstream
 tick_us=$((1000000 / $(getconf CLK_TCK)))
 cpu_ticks() { # pid...: user + system clock ticks of each, space-separated
   for p in "$@"; do awk '{printf "%d ", $14 + $15}' "/proc/$p/stat" 2>/dev/null || printf "0 "; done
 }
-for workers in 1 2; do
+rates=(); costs=()
+for run in "1 ${C:-32}" "2 ${C:-32}" "1 $((${C:-32} / 2))"; do
+  read -r workers connections <<<"$run"
   taskset -c 1 "$SIDECAR" $ARGS --workers "$workers" & sc=$!
   wait_port 18005; sleep 2
   procs=$(pgrep -P "$sc" | tr '\n' ' ')  # with --workers 2 its workers; one worker serves itself
   taskset -c 0 wrk -t1 -c8 -d1s -s "$BENCH/post.lua" http://127.0.0.1:18005/v1/models/iris:predict >/dev/null
   before=($(cpu_ticks $sc $procs))
-  out=$(taskset -c 0 wrk -t1 -c"${C:-32}" -d"${DUR:-8s}" -s "$BENCH/post.lua" \
+  out=$(taskset -c 0 wrk -t1 -c"$connections" -d"${DUR:-8s}" -s "$BENCH/post.lua" \
     http://127.0.0.1:18005/v1/models/iris:predict)
   after=($(cpu_ticks $sc $procs))
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
@@ -41,7 +47,11 @@ for workers in 1 2; do
     [ "$i" -eq 0 ] && continue  # the supervisor: admin port only
     shares+="$(( (after[i] - before[i]) * 100 / (total > 0 ? total : 1) ))% "
   done
-  echo "workers=$workers rps=$rps cpu_us_per_request=$((total * tick_us / requests))" \
-    "worker_cpu_shares=${shares:-100% }"
+  echo "workers=$workers connections=$connections rps=$rps" \
+    "cpu_us_per_request=$((total * tick_us / requests)) worker_cpu_shares=${shares:-100% }"
+  rates+=("$rps"); costs+=("$((total * tick_us / requests))")
   kill "$sc"; wait "$sc" 2>/dev/null
 done
+awk -v one="${costs[0]}" -v two="${costs[1]}" -v r1="${rates[0]}" -v half="${rates[2]}" 'BEGIN {
+  printf "two workers on two free cores, against one: %.2fx (pessimistic, 2 x %d / %d us)" \
+    " to %.2fx (optimistic, 2 x %.0f / %.0f req/s)\n", 2 * one / two, one, two, 2 * half / r1, half, r1 }'
