@@ -472,6 +472,63 @@ async def test_a_failing_handler_is_a_500_and_a_closed_connection():
         writer.close()
 
 
+def answer_at_once(request: Request, connection: HttpConnection) -> None:
+    """A handler that answers from the protocol callback, without a task."""
+    body = b"now " + request.path.encode()
+    connection.send_head(
+        200, b"OK", [(b"Content-Length", b"%d" % len(body))], len(body), body, True
+    )
+    connection.finished()
+
+
+async def test_pipelined_requests_answered_from_callbacks_arrive_in_order():
+    """Whole replies wait for the end of the loop's turn (proxy/outbox.py): those of requests
+    that came in one read still go out in order, and a close after the last one waits for it."""
+    async with serving(answer_at_once) as server:
+        reader, writer = await asyncio.open_connection(*server.address)
+        writer.write(
+            b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        bodies = [(await read_response(reader))[2] for _ in range(3)]
+        assert bodies == [b"now /1", b"now /2", b"now /3"]
+        assert await closed(reader)
+        writer.close()
+
+
+async def test_a_handler_answering_later_from_a_callback_hears_the_client_leave():
+    """on_hang_up: a request taken on from callbacks, whose client leaves before the answer."""
+    left = asyncio.Event()
+
+    def answer_later(request: Request, connection: HttpConnection) -> None:
+        connection.on_hang_up(left.set)
+
+    async with serving(answer_later) as server:
+        _, writer = await asyncio.open_connection(*server.address)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        writer.close()
+        await asyncio.wait_for(left.wait(), timeout=10)
+        for _ in range(500):
+            if not server.connections:
+                break
+            await asyncio.sleep(0.01)
+        assert not server.connections
+
+
+async def test_a_handler_failing_in_its_callback_is_a_500():
+    def broken(request: Request, connection: HttpConnection) -> None:
+        raise RuntimeError("bug")
+
+    async with serving(broken) as server:
+        reader, writer = await asyncio.open_connection(*server.address)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_response(reader))[0] == b"HTTP/1.1 500 Internal Server Error"
+        assert await closed(reader)
+        writer.close()
+
+
 @pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="no SO_REUSEPORT here")
 async def test_reuse_port_lets_servers_share_a_port():
     """What `--workers N` builds on: several processes listening on one port. Off by default."""
