@@ -74,6 +74,8 @@ def batch_reader(plan: Plan) -> BatchReader | None:
             for request, response in pairs
         ]
         merged = _merge(rows, decoded)
+        if merged is not None and len(merged.members) == len(decoded):
+            return Batch(merged, [])  # the usual case: every exchange merged
         taken = set(merged.members) if merged is not None else set()
         alone = [
             (position, read_alone(request, response))
@@ -92,10 +94,11 @@ def _merge(rows: Rows, decoded: list[tuple[Decoding, Decoding]]) -> Merged | Non
     members: list[int] = []
     counts: list[int] = []
     check_booleans = False
+    feature_rows, output_rows = rows.features, rows.outputs
     for position, (request, response) in enumerate(decoded):
         if not isinstance(request, Parsed) or not isinstance(response, Parsed):
             continue
-        features, outputs = rows.features(request.value), rows.outputs(response.value)
+        features, outputs = feature_rows(request.value), output_rows(response.value)
         if features is None or outputs is None:
             continue
         found = len(features)
