@@ -4,6 +4,9 @@ counters, a PIT histogram, reference fractions) and per-pod scores over an in-pr
 `observe_*` run on the event loop: one searchsorted per feature and one bincount per batch, then a
 short locked add. `collect()` may run on the exposition thread: it copies the arrays under the lock
 and does the arithmetic outside it.
+
+Counting (per-feature specs, counts, windows, the payload adapters) is drift_counts.py; this module
+holds the settings, the scores, the recorder with its reference freezing, and the export.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -30,6 +32,20 @@ from prometheus_client.registry import Collector
 from sidecar import profile as profiles
 from sidecar import sketches as sk
 from sidecar.extract.types import FeatureTable, Outputs
+from sidecar.recorders.drift_counts import (
+    FLOOR_ROWS,
+    WINDOW_SLOTS,
+    Counts,
+    Group,
+    Numeric,
+    Raw,
+    Spec,
+    concat_outputs,
+    concat_tables,
+    output_raws,
+    output_rows,
+    table_raws,
+)
 
 __all__ = ["DriftRecorder", "DriftSettings"]
 
@@ -40,8 +56,6 @@ MAX_FEATURES = 256  # a reference frozen from traffic covers at most this many c
 # Small batches are counted together once this many rows are waiting (fewer with a count window:
 # at most one of its slots, so that the window still moves in tenths of its size).
 POOL_ROWS = 2048
-WINDOW_SLOTS = 10  # the in-process window moves in tenths of its size
-FLOOR_ROWS = 1000  # window size at which the Wasserstein floor is simulated, then scaled
 
 Kind = Literal["numeric", "categorical"]
 
@@ -83,253 +97,6 @@ class DriftSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
         return 5000.0 if self.window == "count" else 3600.0
 
 
-# --- per-feature specs, decided once ------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Numeric:
-    name: str
-    bins: int
-    points: sk.Float
-    pit: sk.PitTable
-    lo: float
-    hi: float
-    quantiles: sk.Float  # reference x at each of sk.CDF_LEVELS
-    scale: float  # reference std, so Wasserstein reads in standard deviations
-    reference: sk.Float
-    labels: tuple[str, ...]
-    rows: int
-    numbers: int
-    w_floor: float  # at FLOOR_ROWS rows
-
-    @property
-    def size(self) -> int:
-        return self.bins + 4
-
-
-@dataclass(frozen=True, slots=True)
-class _Categorical:
-    name: str
-    cats: sk.Categories
-    reference: sk.Float
-    labels: tuple[str, ...]
-    rows: int
-
-    @property
-    def size(self) -> int:
-        return self.cats.size + 2
-
-
-_Spec = _Numeric | _Categorical
-
-
-def _spec(feature: profiles.Feature, rng: np.random.Generator) -> _Spec:
-    reference = np.fromiter(feature.fractions.values(), dtype=np.float64)
-    labels = tuple(feature.fractions)
-    if isinstance(feature, profiles.CategoricalFeature):
-        return _Categorical(
-            feature.name, sk.categories(feature.values), reference, labels, max(feature.count, 1)
-        )
-    edges = np.asarray(feature.edges, dtype=np.float64)
-    cdf = sk.make_cdf(
-        *(
-            np.asarray(v, dtype=np.float64)
-            for v in (feature.cdf_x, feature.cdf_below, feature.cdf_at)
-        )
-    )
-    quantiles = _quantiles(cdf)
-    scale = feature.std or 1.0
-    return _Numeric(
-        name=feature.name,
-        bins=max(edges.size - 1, 0),
-        points=sk.search_points(edges),
-        pit=sk.make_pit_table(cdf),
-        lo=float(edges[0]) if edges.size else math.nan,
-        hi=float(edges[-1]) if edges.size else math.nan,
-        quantiles=quantiles,
-        scale=scale,
-        reference=reference,
-        labels=labels,
-        rows=max(feature.count, 1),
-        numbers=max(feature.count - feature.missing - feature.nan, 1),
-        w_floor=sk.wasserstein_floor(quantiles, FLOOR_ROWS, rng) / scale,
-    )
-
-
-def _quantiles(cdf: sk.Cdf) -> sk.Float:
-    """Invert the reference CDF at CDF_LEVELS (atoms make it flat in x, gaps flat in u)."""
-    if cdf.x.size == 0:
-        return np.zeros(sk.CDF_LEVELS.size)
-    levels = np.column_stack((cdf.below, cdf.at)).ravel()
-    return np.asarray(np.interp(sk.CDF_LEVELS, levels, np.repeat(cdf.x, 2)), dtype=np.float64)
-
-
-# --- counts, windows, groups --------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Counts:
-    """Everything one batch (or a window, or all time) adds up to, for one group of features."""
-
-    rows: int
-    bins: NDArray[np.int64]  # every feature's layout, back to back
-    cells: NDArray[np.int64]  # PIT_CELLS per numeric feature, back to back
-    pit_sum: sk.Float  # sum of u per numeric feature (values inside the range)
-    tails: sk.Float  # per numeric feature: sum of (lo - x) below, (x - hi) above
-
-    def add(self, other: _Counts, sign: int = 1) -> None:
-        self.rows += sign * other.rows
-        self.bins += sign * other.bins
-        self.cells += sign * other.cells
-        self.pit_sum += sign * other.pit_sum
-        self.tails += sign * other.tails
-
-    def copy(self) -> _Counts:
-        return _Counts(
-            self.rows, self.bins.copy(), self.cells.copy(), self.pit_sum.copy(), self.tails.copy()
-        )
-
-
-class _Window:
-    """The last `length` rows (or seconds), kept as WINDOW_SLOTS slots and a running total."""
-
-    def __init__(self, kind: Literal["count", "time"], length: float, empty: _Counts) -> None:
-        self._kind, self._length, self._step = kind, length, length / WINDOW_SLOTS
-        self._slots: deque[tuple[float, _Counts]] = deque()
-        self.total = empty
-
-    def add(self, counts: _Counts, now: float) -> None:
-        key = 0.0 if self._kind == "count" else now // self._step
-        last = self._slots[-1] if self._slots else None
-        if last is not None and (
-            last[1].rows < self._step if self._kind == "count" else last[0] == key
-        ):
-            last[1].add(counts)
-        else:
-            self._slots.append((key, counts.copy()))
-        self.total.add(counts)
-        self._expire(now)
-
-    def snapshot(self, now: float) -> _Counts:
-        self._expire(now)
-        return self.total.copy()
-
-    def _expire(self, now: float) -> None:
-        if self._kind == "count":
-            # Keep at least `length` rows: drop the oldest slot only if the rest still has them.
-            while len(self._slots) > 1 and self.total.rows - self._slots[0][1].rows >= self._length:
-                self.total.add(self._slots.popleft()[1], -1)
-        else:
-            oldest = now // self._step - WINDOW_SLOTS
-            while self._slots and self._slots[0][0] <= oldest:
-                self.total.add(self._slots.popleft()[1], -1)
-
-
-class _Raw(NamedTuple):
-    """One column of one batch as extraction gave it: numbers, missing cells, and text cells."""
-
-    values: sk.Float
-    missing: NDArray[np.bool_]
-    text: NDArray[np.object_] | None = None
-    is_text: NDArray[np.bool_] | None = None
-    has_nan: bool = True  # False lets numeric columns skip the NaN bookkeeping
-
-
-class _Group:
-    """The features of one side (inputs or outputs): specs, layout offsets, totals, window."""
-
-    def __init__(
-        self,
-        features: Sequence[profiles.Feature],
-        settings: DriftSettings,
-        rng: np.random.Generator,
-    ) -> None:
-        self.specs = [_spec(f, rng) for f in features]
-        self.offsets = np.cumsum([0, *(s.size for s in self.specs)])
-        numeric = [i for i, s in enumerate(self.specs) if isinstance(s, _Numeric)]
-        self.numeric_slot = {i: k for k, i in enumerate(numeric)}
-        self.total = self.empty()
-        self.window = _Window(settings.window, settings.window_length, self.empty())
-        self._layouts: dict[tuple[str, ...], list[int | None]] = {}
-
-    def empty(self) -> _Counts:
-        n = len(self.numeric_slot)
-        return _Counts(
-            0,
-            np.zeros(int(self.offsets[-1]), dtype=np.int64),
-            np.zeros(n * sk.PIT_CELLS, dtype=np.int64),
-            np.zeros(n),
-            np.zeros((n, 2)),
-        )
-
-    def layout(self, columns: tuple[str, ...]) -> list[int | None]:
-        """For each spec, the index of its column in a table with these columns (None: absent).
-        Columns "0", "1", ... (a payload without names) are the profile's columns in order."""
-        found = self._layouts.get(columns)
-        if found is None:
-            if columns == tuple(str(i) for i in range(len(columns))):
-                found = [i if i < len(columns) else None for i in range(len(self.specs))]
-            else:
-                where = {name: j for j, name in enumerate(columns)}
-                found = [where.get(s.name) for s in self.specs]
-            if len(self._layouts) < 64:  # payload shapes are few; bound the cache anyway
-                self._layouts[columns] = found
-        return found
-
-    def encode(self, raws: Sequence[_Raw | None], rows: int, rng: np.random.Generator) -> _Counts:
-        """Count one batch: per numeric column one sort and a few searches, per categorical
-        column one lookup per value and a bincount."""
-        counts = self.empty()
-        counts.rows = rows
-        for i, (spec, raw) in enumerate(zip(self.specs, raws, strict=True)):
-            view = counts.bins[int(self.offsets[i]) : int(self.offsets[i + 1])]
-            if raw is None:  # column absent from this payload: every row is missing
-                view[-2 if isinstance(spec, _Numeric) else -1] = rows
-            elif isinstance(spec, _Categorical):
-                view += np.bincount(_categorical(spec, raw), minlength=spec.size)
-            else:
-                _numeric(spec, raw, view, counts, self.numeric_slot[i], rng)
-        return counts
-
-
-def _numeric(
-    spec: _Numeric,
-    raw: _Raw,
-    view: NDArray[np.int64],
-    counts: _Counts,
-    k: int,
-    rng: np.random.Generator,
-) -> None:
-    """Fill one numeric feature's bins (`view`), PIT cells, PIT sum and tails."""
-    x = raw.values
-    if raw.has_nan:
-        bad = np.isnan(x)
-        view[-2] = np.count_nonzero(raw.missing)
-        view[-1] = np.count_nonzero(bad) - view[-2]
-        x = x[~bad]
-    ordered = np.sort(x)
-    view[:-2] = sk.bin_counts(ordered, spec.points)
-    cells = counts.cells[k * sk.PIT_CELLS : (k + 1) * sk.PIT_CELLS]
-    cells[:] = sk.pit_counts(ordered, spec.pit, rng)
-    below, above = int(view[0]), int(view[-3])
-    counts.pit_sum[k] = sk.pit_sum(cells, below, above)
-    if below or above:  # rare: values beyond the reference's range; sorted, they sit at the ends
-        low, high = ordered[:below], ordered[ordered.size - above :]
-        low, high = low[np.isfinite(low)], high[np.isfinite(high)]
-        counts.tails[k] = (float(np.sum(spec.lo - low)), float(np.sum(high - spec.hi)))
-
-
-def _categorical(spec: _Categorical, raw: _Raw) -> NDArray[np.intp]:
-    codes = np.full(raw.values.shape, spec.cats.size, dtype=np.intp)
-    numbers = ~raw.missing & ~np.isnan(raw.values)
-    if numbers.any():
-        codes[numbers] = sk.number_codes(raw.values[numbers], spec.cats)
-    if raw.text is not None and raw.is_text is not None and raw.is_text.any():
-        codes[raw.is_text] = sk.categorical_codes(raw.text, spec.cats)[raw.is_text]
-    codes[raw.missing] = spec.cats.size + 1
-    return codes
-
-
 # --- scores -------------------------------------------------------------------------------------
 
 
@@ -339,12 +106,12 @@ class _Score(NamedTuple):
 
 
 def _scores(
-    spec: _Spec, bins: NDArray[np.int64], rows: int, view: _FeatureView, alpha: float
+    spec: Spec, bins: NDArray[np.int64], rows: int, view: _FeatureView, alpha: float
 ) -> dict[str, _Score]:
     """Each statistic over the window and its no-drift floor for this many rows."""
     nan = _Score(math.nan, math.nan)
     if rows == 0:
-        stats = NUMERIC_STATS if isinstance(spec, _Numeric) else CATEGORICAL_STATS
+        stats = NUMERIC_STATS if isinstance(spec, Numeric) else CATEGORICAL_STATS
         return dict.fromkeys(stats, nan)
     p, q = bins / rows, spec.reference
     df = max(int(np.count_nonzero(q)) - 1, 1)
@@ -353,7 +120,7 @@ def _scores(
         "js": _Score(sk.js(p, q), sk.js_floor(rows, spec.rows, df, alpha)),
         "linf": _Score(sk.linf(p, q), sk.linf_floor(rows, spec.rows, q, alpha)),
     }
-    if isinstance(spec, _Numeric):
+    if isinstance(spec, Numeric):
         below, above = int(bins[0]), int(bins[spec.bins + 1])
         numbers = int(view.cells.sum())
         if numbers == 0:
@@ -388,7 +155,7 @@ class _FeatureView(NamedTuple):
     tails: tuple[float, float]
 
 
-def _view(group: _Group, i: int, counts: _Counts) -> _FeatureView:
+def _view(group: Group, i: int, counts: Counts) -> _FeatureView:
     k = group.numeric_slot.get(i)
     if k is None:
         return _FeatureView(np.zeros(0, dtype=np.int64), 0.0, (0.0, 0.0))
@@ -405,9 +172,9 @@ def _view(group: _Group, i: int, counts: _Counts) -> _FeatureView:
 class _Side:
     """Inputs or outputs: a group once there is a reference, pending rows until then."""
 
-    group: _Group | None = None
+    group: Group | None = None
     features: list[profiles.Feature] | None = None
-    pending: list[tuple[int, dict[str, _Raw]]] | None = None
+    pending: list[tuple[int, dict[str, Raw]]] | None = None
     pending_rows: int = 0
 
 
@@ -463,7 +230,12 @@ class DriftRecorder(Collector):
         ):
             if features:
                 side.group, side.features = (
-                    _Group(features, self._settings, self._rng),
+                    Group(
+                        features,
+                        self._settings.window,
+                        self._settings.window_length,
+                        self._rng,
+                    ),
                     list(features),
                 )
             else:
@@ -506,7 +278,7 @@ class DriftRecorder(Collector):
     def observe_outputs(self, outputs: Outputs) -> None:
         """Count one batch of model outputs (__class__, __confidence__, __value__), pooled like
         features."""
-        rows = _output_rows(outputs)
+        rows = output_rows(outputs)
         if not rows:
             return
         self._pooled_outputs.append(outputs)
@@ -517,29 +289,29 @@ class DriftRecorder(Collector):
     def _flush(self) -> None:
         tables, outputs = self._pooled_tables, self._pooled_outputs
         self._pooled_tables, self._pooled_outputs, self._pooled_rows = [], [], [0, 0]
-        for table in _concat_tables(tables):
+        for table in concat_tables(tables):
             self._count_features(table)
-        for batch in _concat_outputs(outputs):
+        for batch in concat_outputs(outputs):
             self._count_outputs(batch)
 
     def _count_features(self, table: FeatureTable) -> None:
         group = self._inputs.group
         if group is None:
-            columns = _table_raws(table)
+            columns = table_raws(table)
             named = {name: columns[j] for j, name in enumerate(table.columns[:MAX_FEATURES])}
             self._pend(self._inputs, table.n_rows, named, frozen_kinds=None)
             return
         layout = group.layout(table.columns)
         if all(j is None for j in layout):
             return  # nothing in this payload is a profiled feature (another route's shape)
-        raws = _table_raws(table)
+        raws = table_raws(table)
         counts = group.encode(
             [None if j is None else raws[j] for j in layout], table.n_rows, self._rng
         )
         self._add(group, counts)
 
     def _count_outputs(self, outputs: Outputs) -> None:
-        raws = _output_raws(outputs)
+        raws = output_raws(outputs)
         if not raws:
             return
         rows = next(iter(raws.values())).values.size
@@ -551,14 +323,14 @@ class DriftRecorder(Collector):
         if any(raw is not None for raw in picked):
             self._add(group, group.encode(picked, rows, self._rng))
 
-    def _add(self, group: _Group, counts: _Counts) -> None:
+    def _add(self, group: Group, counts: Counts) -> None:
         now = self._clock()
         with self._lock:
             group.total.add(counts)
             group.window.add(counts, now)
 
     def _pend(
-        self, side: _Side, rows: int, raws: dict[str, _Raw], frozen_kinds: Mapping[str, Kind] | None
+        self, side: _Side, rows: int, raws: dict[str, Raw], frozen_kinds: Mapping[str, Kind] | None
     ) -> None:
         assert side.pending is not None  # a side without a group is collecting
         side.pending.append((rows, raws))
@@ -574,7 +346,9 @@ class DriftRecorder(Collector):
         built = profiles.build_from_batches(
             lambda: batches, specs, sample_size=max(profiles.SAMPLE_SIZE, side.pending_rows)
         )
-        group = _Group(built.features, self._settings, self._rng)
+        group = Group(
+            built.features, self._settings.window, self._settings.window_length, self._rng
+        )
         with self._lock:
             side.group, side.features, side.pending, side.pending_rows = (
                 group,
@@ -583,7 +357,7 @@ class DriftRecorder(Collector):
                 0,
             )
 
-    def _infer_kinds(self, pending: Sequence[tuple[int, dict[str, _Raw]]]) -> dict[str, Kind]:
+    def _infer_kinds(self, pending: Sequence[tuple[int, dict[str, Raw]]]) -> dict[str, Kind]:
         """Text-majority columns are categorical, the rest numeric; settings.feature_types wins."""
         text: dict[str, int] = {}
         numbers: dict[str, int] = {}
@@ -637,7 +411,7 @@ class DriftRecorder(Collector):
         return list(families)
 
     def _export(
-        self, f: _Families, group: _Group, i: int, spec: _Spec, total: _Counts, window: _Counts
+        self, f: _Families, group: Group, i: int, spec: Spec, total: Counts, window: Counts
     ) -> int:
         lo, hi = int(group.offsets[i]), int(group.offsets[i + 1])
         labels = [*self._model, spec.name]
@@ -654,7 +428,7 @@ class DriftRecorder(Collector):
             f.floor.add_metric([*labels, stat], score.floor)
         f.window.add_metric(labels, window.rows)
         numbers = 0
-        if isinstance(spec, _Numeric):
+        if isinstance(spec, Numeric):
             numbers = window.rows - int(bins[-2] + bins[-1])
             self._export_pit(f, labels, _view(group, i, total))
         status = _status(scores, window.rows, numbers, self._settings)
@@ -706,48 +480,10 @@ _HELP = {
 _PIT_LE = tuple(repr(le) for le in sk.PIT_BUCKETS)  # "0.05" ... "1.0", as client_python writes
 
 
-# --- payload -> raw columns ---------------------------------------------------------------------
+# --- freezing a reference from traffic ----------------------------------------------------------
 
 
-def _table_raws(table: FeatureTable) -> list[_Raw]:
-    """Every column of the table, numbers copied once into feature-major (contiguous) order."""
-    values = np.ascontiguousarray(table.numeric.T)
-    nan_columns: list[bool] = np.asarray(np.isnan(values).any(axis=1)).tolist()
-    return [
-        _Raw(
-            values[j],
-            table.missing[:, j],
-            table.strings.get(name),
-            table.non_numeric[:, j],
-            nan_columns[j],
-        )
-        for j, name in enumerate(table.columns)
-    ]
-
-
-def _output_raws(outputs: Outputs) -> dict[str, _Raw]:
-    raws: dict[str, _Raw] = {}
-    for name, values in (
-        (profiles.CONFIDENCE, outputs.confidence),
-        (profiles.VALUE, outputs.value),
-    ):
-        if values is not None:
-            numbers = np.asarray(values, dtype=np.float64)
-            raws[name] = _Raw(numbers, np.isnan(numbers))
-    if outputs.classes is not None:
-        classes = np.asarray(outputs.classes)
-        if classes.dtype.kind in "iufb":
-            numbers = classes.astype(np.float64)
-            raws[profiles.CLASS] = _Raw(numbers, np.isnan(numbers))
-        else:
-            missing = np.equal(classes, None)  # type: ignore[call-overload]
-            raws[profiles.CLASS] = _Raw(
-                np.full(classes.size, np.nan), missing, classes.astype(object), ~missing
-            )
-    return raws
-
-
-def _column(raw: _Raw, kind: Kind) -> profiles.Column:
+def _column(raw: Raw, kind: Kind) -> profiles.Column:
     """A raw column as the profile builder wants it (only when freezing: this formats numbers)."""
     if kind == "numeric":
         return profiles.NumericColumn(np.where(raw.missing, np.nan, raw.values), raw.missing.copy())
@@ -759,60 +495,8 @@ def _column(raw: _Raw, kind: Kind) -> profiles.Column:
     return profiles.CategoricalColumn(labels.astype(str), raw.missing.copy())
 
 
-def _names(pending: Iterable[tuple[int, dict[str, _Raw]]]) -> Iterator[str]:
+def _names(pending: Iterable[tuple[int, dict[str, Raw]]]) -> Iterator[str]:
     seen: dict[str, None] = {}
     for _, columns in pending:
         seen.update(dict.fromkeys(columns))
     return iter(list(seen)[:MAX_FEATURES])
-
-
-def _output_rows(outputs: Outputs) -> int:
-    for array in (outputs.classes, outputs.confidence, outputs.value):
-        if array is not None:
-            return int(array.size)
-    return 0
-
-
-def _concat_tables(tables: Sequence[FeatureTable]) -> Iterator[FeatureTable]:
-    """Pooled tables as few tables as possible: one per distinct column layout."""
-    by_columns: dict[tuple[str, ...], list[FeatureTable]] = {}
-    for table in tables:
-        by_columns.setdefault(table.columns, []).append(table)
-    for columns, group in by_columns.items():
-        if len(group) == 1:
-            yield group[0]
-            continue
-        names = {name for table in group for name in table.strings}
-        yield FeatureTable(
-            columns,
-            np.concatenate([t.numeric for t in group]),
-            np.concatenate([t.missing for t in group]),
-            np.concatenate([t.non_numeric for t in group]),
-            {name: np.concatenate([_strings(t, name) for t in group]) for name in names},
-        )
-
-
-def _strings(table: FeatureTable, name: str) -> NDArray[np.object_]:
-    found = table.strings.get(name)
-    return found if found is not None else np.full(table.n_rows, None, dtype=object)
-
-
-def _concat_outputs(batches: Sequence[Outputs]) -> Iterator[Outputs]:
-    """Pooled outputs joined per combination of present fields (classes, confidence, value)."""
-    by_shape: dict[tuple[bool, bool, bool], list[Outputs]] = {}
-    for batch in batches:
-        shape = (batch.classes is not None, batch.confidence is not None, batch.value is not None)
-        by_shape.setdefault(shape, []).append(batch)
-    for (classes, confidence, value), group in by_shape.items():
-        if len(group) == 1:
-            yield group[0]
-            continue
-        yield Outputs(
-            np.concatenate([b.classes for b in group if b.classes is not None])
-            if classes
-            else None,
-            np.concatenate([b.confidence for b in group if b.confidence is not None])
-            if confidence
-            else None,
-            np.concatenate([b.value for b in group if b.value is not None]) if value else None,
-        )
