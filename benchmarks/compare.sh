@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# CPU per request of the sidecar at another git revision against this checkout, interleaved, so
+# that both see the same noise: a change's effect on cost, where requests/s alone move by ±20%
+# from run to run on a shared machine. Each round runs each build for DUR under wrk (-c C) with
+# the kserve-v1 preset (ARGS to change), the sidecar alone on CPU 1, wrk and the canned upstream
+# on CPU 0, and reads the user + system CPU of the sidecar's processes from /proc.
+#
+#   usage: benchmarks/compare.sh REV              knobs: ROUNDS (default 5), DUR (3s), C (32),
+#                                                        ARGS (extra `sidecar serve` arguments)
+. "$(dirname "$0")/common.sh"
+need nginx wrk taskset
+REV=${1:?usage: benchmarks/compare.sh REV (a commit, branch or tag to compare with)}
+OTHER="$WORK/compare-$(git -C "$ROOT" rev-parse --short "$REV")"
+[ -d "$OTHER" ] || git -C "$ROOT" worktree add --detach -f "$OTHER" "$REV" >/dev/null
+ARGS=${ARGS:---preset kserve-v1 --model-name iris}
+start_upstream
+wait_port 18001
+tick_us=$((1000000 / $(getconf CLK_TCK)))
+cpu_ticks() { # pid...: user + system clock ticks, summed
+  cat $(for p in "$@"; do echo "/proc/$p/stat"; done) 2>/dev/null | awk '{t += $14 + $15} END {print t}'
+}
+measure() { # label src: one run; appends "label cpu_us rps" to $WORK/compare.txt
+  PYTHONPATH="$2" taskset -c 1 "$SIDECAR" serve --upstream http://127.0.0.1:18001 --host 127.0.0.1 \
+    --port "$PORT" --metrics-port "$((PORT + 1))" --log-level warning $ARGS & local sc=$!
+  wait_port "$PORT"; sleep 1
+  local procs; procs="$sc $(pgrep -P "$sc" | tr '\n' ' ')"
+  taskset -c 0 wrk -t1 -c8 -d1s -s "$BENCH/post.lua" "http://127.0.0.1:$PORT/v1/models/iris:predict" >/dev/null
+  local before after out requests
+  before=$(cpu_ticks $procs)
+  out=$(taskset -c 0 wrk -t1 -c"${C:-32}" -d"${DUR:-3s}" -s "$BENCH/post.lua" \
+    "http://127.0.0.1:$PORT/v1/models/iris:predict")
+  after=$(cpu_ticks $procs)
+  requests=$(echo "$out" | awk '/requests in/ {print $1}')
+  echo "$1 $(( (after - before) * tick_us / requests )) $(echo "$out" | awk '/Requests\/sec/ {print $2}')" \
+    >> "$WORK/compare.txt"
+  kill "$sc"; wait "$sc" 2>/dev/null
+}
+: > "$WORK/compare.txt"
+for _ in $(seq "${ROUNDS:-5}"); do
+  measure "$REV" "$OTHER/src"
+  measure HEAD "$ROOT/src"
+done
+"$PY" - "$WORK/compare.txt" <<'PYEOF'
+import statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    label, cost, rate = line.split()
+    runs.setdefault(label, []).append((int(cost), float(rate)))
+for label, found in runs.items():
+    costs, rates = [c for c, _ in found], [r for _, r in found]
+    print(f"{label:>12}: CPU per request median {statistics.median(costs):.0f} us "
+          f"(min {min(costs)}), requests/s median {statistics.median(rates):,.0f} ({len(found)} runs)")
+(first, a), (second, b) = ((k, statistics.median(c for c, _ in v)) for k, v in runs.items())
+print(f"{second} costs {b / a:.2f}x the CPU per request of {first}")
+PYEOF
