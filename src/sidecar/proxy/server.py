@@ -135,8 +135,7 @@ class _Exchange:
 
     def reply_failed(self, error: UpstreamError) -> None:
         connection, self._connection = self._connection, None
-        if connection is None:
-            return
+        assert connection is not None  # a listener is told once, while send_now's reply is awaited
         self._handler.pool.drop(connection)
         if isinstance(error, UpstreamReset) and not connection.received_any:
             # Closed by the upstream while idle, most likely: request() tries a fresh one.
@@ -149,8 +148,8 @@ class _Exchange:
     def _hang_up(self) -> None:
         """The client left while send_now's reply was awaited: the upstream request goes."""
         connection, self._connection = self._connection, None
-        if connection is not None:
-            self._handler.pool.drop(connection)
+        assert connection is not None  # on_hang_up holds only until the reply or its failure
+        self._handler.pool.drop(connection)
         self.record.fail("client_disconnect")
         self._tell_observer()
 
