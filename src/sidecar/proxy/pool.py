@@ -387,7 +387,7 @@ class UpstreamPool:
         self._start_watch()
         head, _ = self._head(method, target, headers, body, noted)
         self._lend(connection, method)
-        connection.send(head + body if body else head, listener)
+        connection.send(head, listener)
 
     def _start_watch(self) -> None:
         if self._watch is None:
@@ -397,9 +397,9 @@ class UpstreamPool:
         self, connection: UpstreamConnection, method: str, head: bytes, body: Body, chunked: bool
     ) -> Awaitable[UpstreamResponse]:
         self._lend(connection, method)
-        if isinstance(body, bytes | None):
+        if isinstance(body, bytes | None):  # then `head` ends with the body
             listener = _HeadFuture(connection.loop)
-            connection.send(head + body if body else head, listener)
+            connection.send(head, listener)
             return listener.future
         return connection.send_stream(head, body, chunked)
 
@@ -466,20 +466,24 @@ class UpstreamPool:
         body: Body,
         noted: Mapping[bytes, bytes] | None,
     ) -> tuple[bytes, bool]:
+        """The request line and headers as they go on the wire, followed by the body when it is
+        bytes (so that a whole request is one join), and whether a streamed body goes chunked."""
         if noted is None:
             names = {name.lower() for name, _ in headers}
             has_host, has_length = b"host" in names, b"content-length" in names
         else:
             has_host, has_length = b"host" in noted, b"content-length" in noted
-        lines = [b"%s %s HTTP/1.1" % (method.encode("latin-1"), target), *map(field_line, headers)]
+        lines = [method.encode("latin-1") + b" " + target + b" HTTP/1.1", *map(field_line, headers)]
         if not has_host:
             lines.append(b"Host: " + self._host_header)
-        chunked = body is not None and not isinstance(body, bytes) and not has_length
+        whole = body if isinstance(body, bytes) else None
+        chunked = body is not None and whole is None and not has_length
         if chunked:
             lines.append(b"Transfer-Encoding: chunked")
-        elif isinstance(body, bytes) and not has_length and (body or method in _BODY_METHODS):
-            lines.append(b"Content-Length: %d" % len(body))
-        lines += (b"", b"")  # the blank line that ends the head
+        elif whole is not None and not has_length and (whole or method in _BODY_METHODS):
+            lines.append(b"Content-Length: %d" % len(whole))
+        lines.append(b"")  # the blank line that ends the head
+        lines.append(whole or b"")  # a whole body in the same join: no second copy
         return b"\r\n".join(lines), chunked
 
 
