@@ -27,18 +27,42 @@ async def test_upstream_down_gives_502_json(client, start_sidecar):
     assert sample(text, "ml_requests_total", code="502", method="POST") == 1
 
 
-async def test_slow_upstream_gives_504(client, canned_upstream, start_sidecar):
+# A request that finds an idle pooled connection is answered from callbacks, without a task
+# (proxy/server.py); one that does not, by a coroutine. `pooled` runs a failure both ways.
+POOLED = pytest.mark.parametrize("pooled", [False, True], ids=["fresh", "pooled"])
+
+
+async def warm(client: aiohttp.ClientSession, sidecar: Sidecar, upstream: CannedUpstream) -> None:
+    """One request, so that the next finds an idle upstream connection."""
+    async with client.post(sidecar.proxy_url + "/echo", data=b"warm") as response:
+        assert await response.read() == b"warm"
+    assert upstream.connections
+
+
+@POOLED
+async def test_slow_upstream_gives_504(client, canned_upstream, start_sidecar, pooled):
     """No answer within upstream_timeout: 504, counted as upstream_timeout."""
     sidecar = await start_sidecar(canned_upstream.url, upstream_timeout=0.3)
+    if pooled:
+        await warm(client, sidecar, canned_upstream)
+    opened = len(canned_upstream.connections)
     async with client.get(sidecar.proxy_url + "/slow") as response:
         assert response.status == 504
         assert (await response.json())["error"] == "upstream timed out"
+    if pooled:
+        assert len(canned_upstream.connections) == opened  # it went out on the pooled one
     text = await scrape(sidecar)
     assert sample(text, "ml_errors_total", error_type="upstream_timeout") == 1
+    # The timed-out connection is not reused: a late reply must not answer the next request.
+    async with client.post(sidecar.proxy_url + "/echo", data=b"next") as response:
+        assert await response.read() == b"next"
 
 
-async def test_reset_mid_body_closes_client_connection(client, canned_upstream, sidecar):
+@POOLED
+async def test_reset_mid_body_closes_client_connection(client, canned_upstream, sidecar, pooled):
     """An upstream that dies mid-body: the client's connection closes early too, and it counts."""
+    if pooled:
+        await warm(client, sidecar, canned_upstream)
     async with client.get(sidecar.proxy_url + "/reset") as response:
         assert response.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):
@@ -91,59 +115,14 @@ async def test_client_that_stops_reading_is_cut_off_after_the_send_timeout(
     assert received < BIG
 
 
-async def test_a_request_waiting_for_the_upstream_is_in_progress(canned_upstream, sidecar):
-    async with aiohttp.ClientSession() as session:
-        waiting = asyncio.ensure_future(session.get(sidecar.proxy_url + "/slow"))
-        await asyncio.wait_for(canned_upstream.slow_started.wait(), timeout=10)
-        assert sample(await scrape(sidecar), "ml_requests_in_progress") == 1
-        waiting.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await waiting
-    await settled(sidecar, "ml_requests_in_progress", 0)
-
-
-# A request that finds an idle pooled connection is answered from callbacks, without a task
-# (proxy/server.py): the same failures, after a first request has left a connection idle.
-
-
-async def warm(client: aiohttp.ClientSession, sidecar: Sidecar, upstream: CannedUpstream) -> None:
-    """One request, so that the next finds an idle upstream connection."""
-    async with client.post(sidecar.proxy_url + "/echo", data=b"warm") as response:
-        assert await response.read() == b"warm"
-    assert upstream.connections
-
-
-async def test_slow_upstream_gives_504_on_a_pooled_connection(
-    client, canned_upstream, start_sidecar
+@POOLED
+async def test_a_request_waiting_for_the_upstream_is_in_progress(
+    client, canned_upstream, sidecar, pooled
 ):
-    sidecar = await start_sidecar(canned_upstream.url, upstream_timeout=0.3)
-    await warm(client, sidecar, canned_upstream)
-    opened = len(canned_upstream.connections)
-    async with client.get(sidecar.proxy_url + "/slow") as response:
-        assert response.status == 504
-        assert (await response.json())["error"] == "upstream timed out"
-    assert len(canned_upstream.connections) == opened  # it went out on the pooled one
-    text = await scrape(sidecar)
-    assert sample(text, "ml_errors_total", error_type="upstream_timeout") == 1
-    # The timed-out connection is not reused: a late reply must not answer the next request.
-    async with client.post(sidecar.proxy_url + "/echo", data=b"next") as response:
-        assert await response.read() == b"next"
-
-
-async def test_reset_mid_body_on_a_pooled_connection(client, canned_upstream, sidecar):
-    await warm(client, sidecar, canned_upstream)
-    async with client.get(sidecar.proxy_url + "/reset") as response:
-        assert response.status == 200
-        with pytest.raises(aiohttp.ClientPayloadError):
-            await response.read()
-    text = await scrape(sidecar)
-    assert sample(text, "ml_errors_total", error_type="upstream_reset") == 1
-
-
-async def test_hanging_up_while_a_pooled_request_waits(client, canned_upstream, sidecar):
-    """The client leaves before the reply: the upstream request is dropped at once, the
-    exchange counted once, and nothing stays in progress."""
-    await warm(client, sidecar, canned_upstream)
+    """It counts as in progress; when the client leaves before the reply, the upstream request
+    is dropped at once, the exchange counted once, and nothing stays in progress."""
+    if pooled:
+        await warm(client, sidecar, canned_upstream)
     async with aiohttp.ClientSession() as session:
         waiting = asyncio.ensure_future(session.get(sidecar.proxy_url + "/slow"))
         await asyncio.wait_for(canned_upstream.slow_started.wait(), timeout=10)

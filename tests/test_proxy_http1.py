@@ -460,11 +460,17 @@ async def test_a_reply_the_client_never_reads_does_not_hold_the_connection():
         writer.close()
 
 
-async def test_a_failing_handler_is_a_500_and_a_closed_connection():
-    async def broken(request: Request, connection: HttpConnection) -> None:
-        raise RuntimeError("bug")
+async def broken(request: Request, connection: HttpConnection) -> None:
+    raise RuntimeError("bug")
 
-    async with serving(broken) as server:
+
+def broken_in_callback(request: Request, connection: HttpConnection) -> None:
+    raise RuntimeError("bug")
+
+
+@pytest.mark.parametrize("handler", [broken, broken_in_callback], ids=["task", "callback"])
+async def test_a_failing_handler_is_a_500_and_a_closed_connection(handler):
+    async with serving(handler) as server:
         reader, writer = await asyncio.open_connection(*server.address)
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await read_response(reader))[0] == b"HTTP/1.1 500 Internal Server Error"
@@ -515,18 +521,6 @@ async def test_a_handler_answering_later_from_a_callback_hears_the_client_leave(
                 break
             await asyncio.sleep(0.01)
         assert not server.connections
-
-
-async def test_a_handler_failing_in_its_callback_is_a_500():
-    def broken(request: Request, connection: HttpConnection) -> None:
-        raise RuntimeError("bug")
-
-    async with serving(broken) as server:
-        reader, writer = await asyncio.open_connection(*server.address)
-        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert (await read_response(reader))[0] == b"HTTP/1.1 500 Internal Server Error"
-        assert await closed(reader)
-        writer.close()
 
 
 @pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="no SO_REUSEPORT here")

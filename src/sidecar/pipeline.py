@@ -126,8 +126,7 @@ class Pipeline:
         # gauge update is a lock (a locked file write with --workers) and is made per drain,
         # not twice per request. A scrape drains first, so it never sees the difference.
         self._arrived[ticket] = self._arrived.get(ticket, 0) + 1
-        if self._drain_handle is None:
-            self._drain_handle = asyncio.get_running_loop().call_later(DRAIN_DELAY, self._drain)
+        self._drain_later()
         return ticket
 
     def _ticket(self, method: str, path: str) -> Ticket:
@@ -169,11 +168,16 @@ class Pipeline:
         # Record after the reply is flushed and the handler has returned: the client must not
         # wait for metrics, and the connection is free for its next request. Exchanges that end
         # within DRAIN_DELAY are recorded together, which is much cheaper per exchange.
-        if self._drain_handle is None:
-            self._drain_handle = asyncio.get_running_loop().call_later(DRAIN_DELAY, self._drain)
-        elif len(self._pending) == DRAIN_NOW:
+        if len(self._pending) == DRAIN_NOW and self._drain_handle is not None:
             self._drain_handle.cancel()
             self._drain_handle = asyncio.get_running_loop().call_soon(self._drain)
+        else:
+            self._drain_later()
+
+    def _drain_later(self) -> None:
+        """A drain within DRAIN_DELAY, unless one is due already."""
+        if self._drain_handle is None:
+            self._drain_handle = asyncio.get_running_loop().call_later(DRAIN_DELAY, self._drain)
 
     def flush(self) -> None:
         """Record every exchange that has ended (a scrape must see all of them)."""

@@ -56,12 +56,13 @@ _READ_BY_EXTRACTION = frozenset(
 # Lower-case names the proxy acts on, or notes. Every other header passes without a second look.
 NOTED = HOP_BY_HOP | {b"content-length", b"expect", b"host", _REQUEST_ID} | _READ_BY_EXTRACTION
 _NOT_NAMES = HOP_BY_HOP | {b"close", b""}  # Connection tokens that drop nothing more
+_LISTS = frozenset({b"connection", b"transfer-encoding"})  # noted with every value, joined
 
 
 def scan(raw: Iterable[tuple[bytes, bytes]]) -> tuple[RawHeaders, dict[bytes, bytes]]:
     """One pass over a message's headers: those to forward (all but the hop-by-hop ones and
     those Connection names, in order), and the value of each NOTED one by lower-case name (the
-    first; Connection's values are joined, as each names headers to drop)."""
+    first; the values of Connection and Transfer-Encoding are joined, as lists they are)."""
     forward: RawHeaders = []
     noted: dict[bytes, bytes] = {}
     for header in raw:
@@ -69,7 +70,7 @@ def scan(raw: Iterable[tuple[bytes, bytes]]) -> tuple[RawHeaders, dict[bytes, by
         if lowered in NOTED:
             if lowered not in noted:
                 noted[lowered] = header[1]
-            elif lowered == b"connection":
+            elif lowered in _LISTS:
                 noted[lowered] += b"," + header[1]
             if lowered in HOP_BY_HOP:
                 continue
@@ -103,7 +104,7 @@ def parse_length(value: bytes | None) -> int | None:
 
 
 _T = TypeVar("_T")
-# The names extraction asks for, as _find() would lower-case and encode them.
+# The names extraction asks for, as the keys scan() notes them under.
 _LOWERED = {name.decode(): name for name in _READ_BY_EXTRACTION}
 
 
@@ -135,15 +136,12 @@ class HeaderView(Mapping[str, str]):
         return self._decoded
 
     def _find(self, name: str) -> bytes | None:
-        """The raw value of the first header called `name` (any case), or None."""
-        wanted = _LOWERED.get(name)
-        if wanted is not None and self._noted is not None:
-            return self._noted.get(wanted)
-        if wanted is None:
-            try:
-                wanted = name.encode("latin-1").lower()  # as the names were: bytes.lower()
-            except UnicodeEncodeError:
-                return None  # no raw name decodes to it
+        """The raw value of the first header called `name` (any case), or None, from the raw
+        names (get() answers extraction's names from what scan() noted, when it has that)."""
+        try:
+            wanted = name.encode("latin-1").lower()  # as the names were: bytes.lower()
+        except UnicodeEncodeError:
+            return None  # no raw name decodes to it
         names = self._names
         if names is None:
             names = self._names = [field.lower() for field, _ in self._raw]
@@ -152,10 +150,10 @@ class HeaderView(Mapping[str, str]):
         return self._raw[names.index(wanted)][1]
 
     def __getitem__(self, name: str) -> str:
-        value = self._find(name)
+        value = self.get(name)
         if value is None:
             raise KeyError(name)
-        return value.decode("latin-1")
+        return value
 
     @overload
     def get(self, name: str, /) -> str | None: ...
@@ -163,7 +161,7 @@ class HeaderView(Mapping[str, str]):
     def get(self, name: str, /, default: str | _T) -> str | _T: ...
     def get(self, name: str, /, default: object = None) -> object:
         # Mapping.get would go through __getitem__ and a KeyError for every absent header. The
-        # names extraction asks for are looked up here, without a call to _find.
+        # names extraction asks for come from `noted` here, without a call.
         wanted = _LOWERED.get(name)
         if wanted is not None and self._noted is not None:
             value = self._noted.get(wanted)
@@ -172,12 +170,7 @@ class HeaderView(Mapping[str, str]):
         return default if value is None else value.decode("latin-1")
 
     def __contains__(self, name: object) -> bool:
-        if not isinstance(name, str):
-            return False
-        wanted = _LOWERED.get(name)
-        if wanted is not None and self._noted is not None:
-            return wanted in self._noted
-        return self._find(name) is not None
+        return isinstance(name, str) and self.get(name) is not None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._headers())

@@ -355,8 +355,7 @@ class HttpConnection(asyncio.Protocol):
         try:
             pending = self._server.handler(request, self)
         except Exception:
-            self._handler_failed(request)
-            self.finished()
+            self.handler_failed()
             return
         if pending is not None:
             self.continue_with(pending)
@@ -372,27 +371,24 @@ class HttpConnection(asyncio.Protocol):
         self._hang_up = callback
 
     async def _run(self, pending: Awaitable[None]) -> None:
-        request = self._current
         try:
             await pending
-        except Exception:  # a bug in the handler: the client must not wait for ever
-            if request is not None:
-                self._handler_failed(request)
+        except Exception:
+            self._worker = None
+            self.handler_failed()
+            return
         self._worker = None
         self.finished()
 
     def handler_failed(self) -> None:
-        """Called from an except block by a handler working from callbacks: it has a bug. The
-        client gets a 500 if its answer has not begun, and the connection closes."""
-        if self._current is not None:
-            self._handler_failed(self._current)
-        self.finished()
-
-    def _handler_failed(self, request: Request) -> None:
-        log.exception("request handler failed", extra={"method": request.method})
+        """Called from an except block when the handler has a bug: the client must not wait for
+        ever. It gets a 500 if its answer has not begun, and the connection closes."""
+        method = self._current.method if self._current is not None else None
+        log.exception("request handler failed", extra={"method": method})
         if not self._head_sent and not self._lost:
             self._write(_SERVER_ERROR)
         self._keep = False
+        self.finished()
 
     def finished(self) -> None:
         """The request in progress is answered: on to the next, or close."""
@@ -549,24 +545,28 @@ class HttpConnection(asyncio.Protocol):
         self._keep = False
         self._close()
 
-    def _write(self, data: bytes) -> None:
-        if self._lost or self._transport is None or self._transport.is_closing():
+    def _live_transport(self) -> asyncio.Transport:
+        """The transport, still open; ConnectionResetError once the client has gone."""
+        transport = self._transport
+        if self._lost or transport is None or transport.is_closing():
             raise ConnectionResetError(_GONE)
+        return transport
+
+    def _write(self, data: bytes) -> None:
+        transport = self._live_transport()
         if self._held:
             self.flush()
-        self._transport.write(data)
+        transport.write(data)
 
     def _write_all(self, parts: tuple[bytes, ...]) -> None:
-        if self._lost or self._transport is None or self._transport.is_closing():
-            raise ConnectionResetError(_GONE)
+        transport = self._live_transport()
         if self._held:
             self.flush()
-        self._transport.writelines(parts)  # no copy of a large chunk just to frame it
+        transport.writelines(parts)  # no copy of a large chunk just to frame it
 
     def _write_soon(self, data: bytes) -> None:
         """Write `data` at the end of the loop's turn, with the other connections' replies."""
-        if self._lost or self._transport is None or self._transport.is_closing():
-            raise ConnectionResetError(_GONE)
+        self._live_transport()
         if not self._held:
             self._server.outbox.hold(self)
         self._held += data

@@ -197,7 +197,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = self._parser.should_keep_alive()
         # No keep-alive and no length: the body may run to the close (RFC 9112 section 6.3).
         self._until_close = (
-            not self._keep_alive and response.content_length is None and not _chunked(raw_headers)
+            not self._keep_alive
+            and response.content_length is None
+            and not _chunked(response.noted.get(b"transfer-encoding"))
         )
         if self._listener is not None:
             self._announce = response
@@ -490,9 +492,7 @@ class UpstreamPool:
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
-def _chunked(raw_headers: RawHeaders) -> bool:
-    """Whether chunked is the last transfer coding (the body's framing), as llhttp sees it."""
-    codings = b",".join(
-        value for name, value in raw_headers if name.lower() == b"transfer-encoding"
-    )
-    return codings.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+def _chunked(codings: bytes | None) -> bool:
+    """Whether chunked is the last transfer coding (the body's framing), as llhttp sees it;
+    `codings` is every Transfer-Encoding value, joined (as headers.scan notes it)."""
+    return codings is not None and codings.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
