@@ -23,7 +23,8 @@ _M_MMAP_THRESHOLD = -3  # from malloc.h
 # The collector's thresholds once serving (Python's default: 700, 10, 10). What a request makes
 # dies by reference count within microseconds; a young generation that holds 20,000 objects
 # before it is collected lets almost all of it die first, instead of being traced and moved up
-# a generation every 700 allocations (benchmarks/throughput.sh: about 4% less CPU per request).
+# a generation every 700 allocations (about 4% less CPU per request, the same wrk run of
+# benchmarks/throughput.sh's setup with and without, interleaved as benchmarks/compare.sh does).
 GC_THRESHOLDS = (20_000, 20, 20)
 
 
