@@ -187,6 +187,7 @@ async def start_sidecar() -> AsyncIterator[StartSidecar]:
 
     async def start(upstream: str, **settings: Any) -> Sidecar:
         settings.setdefault("drain_timeout", 1.0)
+        settings.setdefault("shutdown_delay", 0.0)  # no load balancer to wait for
         config = Config(upstream=upstream, host="127.0.0.1", port=0, metrics_port=0, **settings)
         sidecar = Sidecar(config, registry=CollectorRegistry())
         await sidecar.start()

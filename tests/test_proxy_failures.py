@@ -139,11 +139,13 @@ class ForgetfulUpstream:
     """Answers the first request on each connection (keep-alive), then meets the next one on it
     with `second`: nothing (a close, as when the upstream dropped an idle connection just as
     the request went out) or the start of an answer before the close. `connections` counts
-    those that carried a request for /p (the readiness probe opens its own)."""
+    those that carried a request for /p (the readiness probe opens its own), `requests` the
+    requests for /p it read."""
 
     def __init__(self, second: bytes) -> None:
         self.second = second
         self.connections = 0
+        self.requests = 0
         self.url = ""
         self._server: asyncio.Server | None = None
 
@@ -163,9 +165,11 @@ class ForgetfulUpstream:
                 head = await reader.readuntil(b"\r\n\r\n")
             except asyncio.IncompleteReadError:
                 break  # closed by the proxy
-            if head.startswith(b"POST /p ") and not counted:
-                self.connections += 1
-                counted = True
+            if b" /p " in head.split(b"\r\n", 1)[0]:
+                self.requests += 1
+                if not counted:
+                    self.connections += 1
+                    counted = True
             length = next(
                 (int(line.split(b":")[1]) for line in head.split(b"\r\n")
                  if line.lower().startswith(b"content-length:")),
@@ -177,22 +181,37 @@ class ForgetfulUpstream:
         writer.close()
 
 
-async def test_a_pooled_connection_closed_unanswered_is_retried_on_a_fresh_one(
+async def test_an_idempotent_request_closed_unanswered_is_retried_on_a_fresh_one(
     client, start_sidecar
 ):
-    """Closed before any reply byte: the request could not have been read, so it is sent
-    again on a new connection, and the client never hears of it."""
+    """A GET whose pooled connection closes before any reply byte is sent again on a new
+    connection (sending it twice does no harm), and the client never hears of it."""
     async with ForgetfulUpstream(second=b"") as upstream:
         sidecar = await start_sidecar(upstream.url)
         for _ in range(3):
-            async with client.post(sidecar.proxy_url + "/p", data=b"{}") as response:
+            async with client.get(sidecar.proxy_url + "/p") as response:
                 assert (response.status, await response.read()) == (200, b"ok")
         # Each request after the first met a pooled connection's close, and was retried on a
         # new connection, which the next request then found pooled.
-        assert upstream.connections == 3
+        assert upstream.requests == 5
         text = await scrape(sidecar)
         assert sample(text, "ml_requests_total", code="200") == 3
         assert sample(text, "ml_errors_total", error_type="upstream_reset") is None
+
+
+async def test_a_post_closed_unanswered_is_not_sent_again(client, start_sidecar):
+    """A POST that reached the upstream, which closed without answering, may have been acted
+    on: the client gets 502 and the upstream saw it once (RFC 9110 section 9.2.2)."""
+    async with ForgetfulUpstream(second=b"") as upstream:
+        sidecar = await start_sidecar(upstream.url)
+        async with client.post(sidecar.proxy_url + "/p", data=b"{}") as response:
+            assert (response.status, await response.read()) == (200, b"ok")
+        async with client.post(sidecar.proxy_url + "/p", data=b"{}") as response:
+            assert response.status == 502
+            assert (await response.json())["error"] == "upstream closed the connection"
+        assert upstream.requests == 2
+        text = await scrape(sidecar)
+        assert sample(text, "ml_errors_total", error_type="upstream_reset") == 1
 
 
 async def test_a_pooled_connection_closed_mid_answer_is_not_retried(client, start_sidecar):

@@ -18,45 +18,7 @@ from sidecar.app import Sidecar
 from sidecar.config import Config
 from sidecar.proxy.http1 import Http1Server, HttpConnection, Request
 from tests.conftest import CannedUpstream, sample, scrape, settled
-
-Response = tuple[bytes, list[tuple[bytes, bytes]], bytes]
-
-
-async def connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    return await asyncio.open_connection(host, int(port))
-
-
-async def read_response(reader: asyncio.StreamReader) -> Response:
-    """One response: status line, headers as sent, body (by length, chunks or close)."""
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
-    status_line, *lines = head[:-4].split(b"\r\n")
-    headers = [(name, value) for name, _, value in (line.partition(b": ") for line in lines)]
-    named = {name.lower(): value for name, value in headers}
-    if b"content-length" in named:
-        body = await reader.readexactly(int(named[b"content-length"]))
-    elif named.get(b"transfer-encoding") == b"chunked":
-        pieces = []
-        while size := int((await reader.readuntil(b"\r\n"))[:-2], 16):
-            pieces.append(await reader.readexactly(size))
-            await reader.readexactly(2)
-        await reader.readexactly(2)
-        body = b"".join(pieces)
-    elif status_line.split(b" ")[1] in (b"204", b"304"):
-        body = b""
-    else:
-        body = await asyncio.wait_for(reader.read(), timeout=10)
-    return status_line, headers, body
-
-
-async def closed(reader: asyncio.StreamReader) -> bool:
-    """Whether the other side closed the connection (EOF within a generous wait)."""
-    return await asyncio.wait_for(reader.read(1), timeout=10) == b""
-
-
-def post(path: str, body: bytes, *extra: bytes) -> bytes:
-    head = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % (path.encode(), len(body))
-    return head + b"".join(line + b"\r\n" for line in extra) + b"\r\n" + body
+from tests.raw_http import closed, connect, post, read_response
 
 
 async def test_pipelined_requests_are_answered_in_order(canned_upstream, sidecar):

@@ -12,7 +12,7 @@ import random
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar import mpfiles
 from sidecar.cli import main
 from sidecar.demo import FEATURES, sample_rows
+from sidecar.workers import HEALTH_SOCKET, HealthInbox, HealthRelay
 from tests.conftest import CannedUpstream, free_port
 from tests.test_drift_e2e import write_reference
+from tests.test_readiness import restartable_upstream, until
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 
@@ -281,6 +283,67 @@ async def _until_replaced(running: Running, victim: int) -> None:
         lambda: victim not in running.workers() and len(_listening(running.port)) == 2,
         running.process,
     )
+
+
+async def test_a_workers_failed_request_reaches_readyz_at_once(tmp_path: Path) -> None:
+    """health_interval 30 s: the upstream stops, a request through a worker gets a 502, and the
+    supervisor's /readyz says 503 within a second; the upstream comes back, a request through a
+    worker succeeds, and /readyz says 200 within a second."""
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(json.dumps({"health_interval": 30, "config_watch_interval": 0}))
+    async with (
+        restartable_upstream() as upstream,
+        supervisor(upstream.url, "--health-path", "/health", "--config", str(config)) as running,
+        aiohttp.ClientSession() as session,
+    ):
+
+        def readyz_says(status: int) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                url = f"http://127.0.0.1:{running.metrics_port}/readyz"
+                async with session.get(url) as response:
+                    return response.status == status
+
+            return check
+
+        await until(readyz_says(200), 30.0, "ready once a worker serves")
+        await upstream.stop()
+        async with session.get(f"{running.proxy}/predict") as response:
+            assert response.status == 502
+        await until(readyz_says(503), 1.0, "not ready")
+        await upstream.start()
+        async with session.get(f"{running.proxy}/predict") as response:
+            assert response.status == 200
+        await until(readyz_says(200), 1.0, "ready again")
+
+
+async def test_the_health_relay_hands_a_workers_word_to_the_supervisor(tmp_path: Path) -> None:
+    """What a worker's pool reports reaches the supervisor's end in order, reasons intact; with
+    no supervisor to hear it, reporting neither raises nor waits."""
+    heard: list[str] = []
+
+    class Heard:
+        def upstream_failed(self, reason: str) -> None:
+            heard.append(f"failed: {reason}")
+
+        def upstream_answered(self) -> None:
+            heard.append("answered")
+
+    inbox = HealthInbox(tmp_path / HEALTH_SOCKET, Heard())
+    relay, unheard = HealthRelay(tmp_path / HEALTH_SOCKET), HealthRelay(tmp_path / "nobody")
+    try:
+        relay.upstream_failed("cannot connect to 127.0.0.1:9: Connection refused")
+        relay.upstream_answered()
+        unheard.upstream_failed("nobody hears this")
+
+        async def both() -> bool:
+            return len(heard) == 2
+
+        await until(both, 1.0, "both messages arrived")
+        assert heard == ["failed: cannot connect to 127.0.0.1:9: Connection refused", "answered"]
+    finally:
+        relay.close()
+        unheard.close()
+        inbox.close()
 
 
 def _worker_directory(pid: int) -> Path:

@@ -23,7 +23,7 @@ from sidecar.extract.presets import PRESETS
 from sidecar.pipeline import Pipeline
 from sidecar.profile import load as load_profile
 from sidecar.proxy.http1 import Http1Server
-from sidecar.proxy.pool import UpstreamPool
+from sidecar.proxy.pool import UpstreamHealth, UpstreamPool
 from sidecar.proxy.server import ProxyHandler
 from sidecar.readiness import UpstreamProbe
 from sidecar.routes import Route, RouteTable
@@ -61,7 +61,8 @@ def make_probe(config: Config, registry: CollectorRegistry) -> UpstreamProbe:
     """The readiness probe of the upstream and its gauge (started by the caller)."""
     up = Gauge(
         "sidecar_upstream_up",
-        "1 while the upstream's health path answers 2xx, from a periodic probe.",
+        "1 while the upstream is reachable (by the latest word of the probe or of the proxy's "
+        "traffic) and its health path last answered ready.",
         # Only the process serving the admin port probes (with --workers, the supervisor).
         multiprocess_mode="livemax",
         registry=registry,
@@ -80,6 +81,8 @@ class Sidecar:
 
     A worker of `--workers N` (sidecar.workers) runs with `admin=False`: no admin port and no
     probe, the supervisor has those; and `reuse_port=True`, as its siblings bind the same port.
+    What its proxy's traffic says of the upstream goes to `health` (the supervisor's probe, by
+    way of sidecar.workers); with `admin=True` it goes to this process's own probe.
     """
 
     def __init__(
@@ -89,11 +92,13 @@ class Sidecar:
         *,
         admin: bool = True,
         reuse_port: bool = False,
+        health: UpstreamHealth | None = None,
     ) -> None:
         self.config = config
         self.registry = registry if registry is not None else _default_registry()
         self._admin = admin
         self._reuse_port = reuse_port
+        self._health = health
         self._proxy_server: Http1Server | None = None
         self._admin_server: AdminServer | None = None
         self._probe: UpstreamProbe | None = None
@@ -105,18 +110,22 @@ class Sidecar:
     async def start(self) -> None:
         config = self.config
         target = urlsplit(config.upstream)
+        if self._admin:
+            self._probe = make_probe(config, self.registry)
         pool = self._pool = UpstreamPool(
             target.hostname or "127.0.0.1",
             target.port or (443 if target.scheme == "https" else 80),
             tls=target.scheme == "https",
             connect_timeout=config.connect_timeout,
             read_timeout=config.upstream_timeout,
+            keepalive_timeout=config.upstream_keepalive_timeout,
+            # The proxy's traffic is the freshest word on the upstream: readiness follows it.
+            health=self._probe or self._health,
         )
         profile = load_profile(config.drift.profile) if config.drift.profile else None
         pipeline = self._pipeline = Pipeline(config, build_routes(config), self.registry, profile)
         handler = ProxyHandler(pool, pipeline, max_body_bytes=config.max_body_bytes)
-        if self._admin:
-            self._probe = make_probe(config, self.registry)
+        if self._probe is not None:
             await self._probe.start()
         await pipeline.feedback.open()
 
@@ -124,6 +133,7 @@ class Sidecar:
             handler,
             whole_body_limit=handler.whole_body_limit,
             send_timeout=config.client_send_timeout,
+            body_timeout=config.client_body_timeout,
         )
         await self._proxy_server.start(config.host, config.port, reuse_port=self._reuse_port)
         self.proxy_url = url_of(self._proxy_server.address)
@@ -237,7 +247,8 @@ async def watch_config(path: Path, interval: float, changed: Callable[[], None])
 # Read once at start-up: changing them needs a restart.
 RESTART_KEYS = (
     "upstream", "host", "port", "metrics_host", "metrics_port", "upstream_timeout",
-    "connect_timeout", "client_send_timeout", "health_path", "health_interval", "drain_timeout",
+    "connect_timeout", "client_send_timeout", "client_body_timeout", "upstream_keepalive_timeout",
+    "health_path", "health_interval", "drain_timeout",
     "shutdown_delay", "model_name", "model_version", "framework", "max_body_bytes", "label_cap",
     "model_names", "record_queue_size", "config_watch_interval", "workers", "feedback", "drift",
 )  # fmt: skip

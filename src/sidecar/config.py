@@ -110,10 +110,12 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     upstream_timeout: float = 60.0
     connect_timeout: float = 5.0
     client_send_timeout: float = 60.0
+    client_body_timeout: float = 60.0
+    upstream_keepalive_timeout: float = 4.0
     health_path: str | None = None
     health_interval: float = 5.0
     drain_timeout: float = 30.0
-    shutdown_delay: float = 0.0
+    shutdown_delay: float = 5.0  # Kubernetes takes a few seconds to drop a pod's endpoints
     log_level: LogLevel = "info"
     model_name: str = "model"
     model_version: str = "unknown"
@@ -149,6 +151,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
             "upstream_timeout",
             "connect_timeout",
             "client_send_timeout",
+            "client_body_timeout",
+            "upstream_keepalive_timeout",
             "health_interval",
         ):
             if not getattr(self, key) > 0:  # NaN too: no timeout would ever fire

@@ -1,4 +1,5 @@
-"""Is the upstream ready? A periodic probe of its health path, read by /readyz and a gauge."""
+"""Is the upstream ready? A probe of its health path and the proxy's own traffic, read by /readyz
+and a gauge."""
 
 from __future__ import annotations
 
@@ -11,12 +12,27 @@ from prometheus_client import Gauge
 
 log = logging.getLogger(__name__)
 
+# Seconds between probes while not ready, when health_interval is longer. The pod is then out of
+# the load balancer, so no proxy traffic comes to tell of a recovery: only a probe can. A probe
+# of a server that is down costs a refused connection, and one that hangs waits its timeout
+# before the next starts (one probe at a time).
+RECHECK = 1.0
+
 
 class UpstreamProbe:
-    """Polls `GET upstream + health_path`; 2xx means ready. Draining overrides everything.
+    """Ready while the upstream is reachable and its health path's last answer was ready;
+    draining overrides everything. Each question has its authority:
 
-    With no health path configured (`lenient`), any answer below 500 counts: the server is up,
-    and we cannot know which of its paths would say more.
+    - Reachable: the freshest word on it, from either the probe (connected, or not) or the
+      proxy's traffic (it is the pool's UpstreamHealth: `upstream_failed` when a connection is
+      refused, times out or closes unanswered; `upstream_answered` when a reply comes after that).
+    - Ready to serve: the health path's last answer, which only the probe asks. 2xx means ready;
+      with no health path configured (`lenient`) anything below 500 does: the server is up, and
+      we cannot know which of its paths would say more.
+
+    So a proxied reply after a failure makes the upstream ready at once if its health path last
+    said ready, but not if it said, say, 503 (model not loaded): a reply shows the server is
+    up, not that the model is. Both proxy signals also start a probe at once, to confirm.
     """
 
     def __init__(
@@ -34,15 +50,23 @@ class UpstreamProbe:
         self._timeout = aiohttp.ClientTimeout(total=min(interval, 5.0))
         self._up = up
         self._task: asyncio.Task[None] | None = None
-        self.ready = False
-        self.reason = "not probed yet"
+        self._wake = asyncio.Event()  # probe now, rather than when the interval is over
+        self._answer = (False, "the health path has not answered yet")  # its last answer
+        self._unreachable: str | None = None  # why not, while the last word is "unreachable"
+        self._signals = 0  # proxy signals so far: tells a probe whether one came while it ran
+        self._ready = False
         self.draining = False
 
     @property
     def status(self) -> tuple[bool, str]:
         if self.draining:
             return False, "draining: shutting down"
-        return self.ready, self.reason
+        return self._upstream_status()
+
+    def _upstream_status(self) -> tuple[bool, str]:
+        if self._unreachable is not None:
+            return False, self._unreachable
+        return self._answer
 
     async def start(self) -> None:
         """Probe once (so readiness is known when serving starts), then keep probing."""
@@ -60,19 +84,50 @@ class UpstreamProbe:
 
     async def probe(self) -> None:
         assert self._session is not None, "start() opens the session"
+        signals = self._signals
+        unreachable = None
         try:
             async with self._session.get(self._url, timeout=self._timeout) as response:
                 await response.read()
                 ready = response.status < 500 if self._lenient else 200 <= response.status < 300
-                reason = f"{self._url} answered {response.status}"
+                self._answer = ready, f"{self._url} answered {response.status}"
         except (aiohttp.ClientError, TimeoutError) as exc:
-            ready, reason = False, f"{self._url} unreachable: {type(exc).__name__} {exc}".strip()
-        if ready != self.ready:
+            unreachable = f"{self._url} unreachable: {type(exc).__name__} {exc}".strip()
+        # A proxy signal that came while the probe ran is fresher than what the probe's
+        # connection saw; the signal also asked for the probe that follows this one.
+        if signals == self._signals:
+            self._unreachable = unreachable
+        self._publish()
+
+    def upstream_failed(self, reason: str) -> None:
+        """Not ready at once, as the proxy's traffic says; and probe."""
+        self._signals += 1
+        self._unreachable = f"proxy traffic: {reason}"
+        self._publish()
+        self._wake.set()
+
+    def upstream_answered(self) -> None:
+        """Reachable again: ready at once if the health path last said so; and probe, since a
+        server that has just come back may not have loaded its model yet."""
+        self._signals += 1
+        self._unreachable = None
+        self._publish()
+        self._wake.set()
+
+    def _publish(self) -> None:
+        ready, reason = self._upstream_status()
+        if ready != self._ready:
+            self._ready = ready
             log.info("upstream readiness changed", extra={"ready": ready, "reason": reason})
-        self.ready, self.reason = ready, reason
         self._up.set(1 if ready else 0)
 
     async def _loop(self) -> None:
+        """One probe at a time: a wake-up that comes while one runs starts the next at once,
+        and any number of them start only that one."""
         while True:
-            await asyncio.sleep(self._interval)
+            delay = self._interval if self._ready else min(self._interval, RECHECK)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            self._wake.clear()
             await self.probe()

@@ -6,7 +6,8 @@ DIR`), not forks: prometheus_client picks its mmap value store when it is import
 PROMETHEUS_MULTIPROC_DIR, so that variable must be set before the worker's first import.
 
 The supervisor owns what there is one of per pod: the admin port (/metrics merged over the
-workers, /healthz, /readyz with its own upstream probe), the config (it reads the file, keeps the
+workers, /healthz, /readyz with its own upstream probe, which every worker's proxy traffic also
+informs, through a Unix datagram socket in DIR), the config (it reads the file, keeps the
 restart keys, and hands workers the result in DIR/config.msgpack) and the signals. It restarts a
 worker that exits, and gives up, raising WorkersFailed, when a worker cannot start at all.
 """
@@ -19,6 +20,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -38,11 +40,15 @@ from sidecar.config import Config, ConfigError
 from sidecar.files import write_atomically
 from sidecar.logs import RateLimitedLog
 from sidecar.memory import freeze_startup
+from sidecar.proxy.pool import UpstreamHealth
 from sidecar.readiness import UpstreamProbe
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.msgpack"
+HEALTH_SOCKET = "health.sock"  # workers' word on the upstream, for the supervisor's probe
+_FAILED, _ANSWERED = b"F", b"A"  # a health datagram: one of these (_FAILED then the reason)
+_MAX_DATAGRAM = 4096  # a reason is a line of text; anything longer is cut
 MAX_START_FAILURES = 5  # a worker that dies before serving this often in a row is not retried
 EXIT_MARGIN = 5.0  # seconds past drain_timeout a worker gets to exit before it is killed
 _POLL = 0.02  # seconds between looks at a starting worker
@@ -85,6 +91,7 @@ class Supervisor:
             registry=self.registry,
         )
         self._probe: UpstreamProbe | None = None
+        self._inbox: HealthInbox | None = None
         self._admin: AdminServer | None = None
         self._workers: dict[int, _Worker] = {}
         self._slots: list[asyncio.Task[None]] = []
@@ -122,6 +129,13 @@ class Supervisor:
     async def _open(self) -> None:
         self._write_config()
         self._probe = make_probe(self.config, self.registry)
+        try:
+            self._inbox = HealthInbox(self._directory / HEALTH_SOCKET, self._probe)
+        except OSError as exc:  # such as a TMPDIR too long for a socket's path (107 bytes)
+            log.warning(
+                "the workers' proxy traffic will not inform /readyz; the probe alone will",
+                extra={"error": str(exc)},
+            )
         await self._probe.start()
         self._admin = AdminServer(make_admin_app(self.registry, self._readiness))
         await self._admin.start(self.config.admin_host, self.config.metrics_port)
@@ -266,6 +280,8 @@ class Supervisor:
                 await asyncio.wait(late)
         if self._admin is not None:
             await self._admin.stop()
+        if self._inbox is not None:
+            self._inbox.close()
         if self._probe is not None:
             await self._probe.stop()
         shutil.rmtree(self._directory, ignore_errors=True)
@@ -287,6 +303,70 @@ def _describe_exit(code: int) -> str:
         return f"was killed by signal {-code}"
 
 
+class HealthInbox:
+    """The supervisor's end of the workers' health relays: a Unix datagram socket at `path`;
+    what each message says goes to `health` (the probe) as it arrives."""
+
+    def __init__(self, path: Path, health: UpstreamHealth) -> None:
+        self._health = health
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self._socket.bind(str(path))
+        except OSError:
+            self._socket.close()
+            raise
+        self._socket.setblocking(False)
+        # A reader, not create_datagram_endpoint: uvloop's takes no AF_UNIX address.
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._socket.fileno(), self._receive)
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                message = self._socket.recv(_MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            if message == _ANSWERED:
+                self._health.upstream_answered()
+            elif message.startswith(_FAILED):
+                self._health.upstream_failed(message[1:].decode(errors="replace"))
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._socket.fileno())
+        self._socket.close()
+
+
+class HealthRelay:
+    """A worker's UpstreamHealth: each change its pool reports goes to the supervisor's
+    HealthInbox at `path` as one datagram, so /readyz follows every worker's traffic at once.
+
+    Sending never waits (the pool calls from the event loop): a message the supervisor cannot
+    take now is dropped, and its probe still finds out, within health_interval at worst."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = str(path)
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.setblocking(False)
+        self._complaints = RateLimitedLog(log)
+
+    def upstream_failed(self, reason: str) -> None:
+        self._send(_FAILED + reason.encode())
+
+    def upstream_answered(self) -> None:
+        self._send(_ANSWERED)
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def _send(self, message: bytes) -> None:
+        try:
+            self._socket.sendto(message, self._path)
+        except OSError as exc:  # its queue is full, or it is gone (then _tick stops us)
+            self._complaints.warning(
+                "health relay", "the supervisor missed news of the upstream", error=str(exc)
+            )
+
+
 def read_worker_config(directory: Path) -> Config:
     return msgspec.msgpack.decode((directory / CONFIG_FILE).read_bytes(), type=Config)
 
@@ -299,7 +379,8 @@ async def serve_worker(directory: Path, config: Config) -> None:
     PlatformCollector(registry=registry)
     snapshot = directory / f"{os.getpid()}{snapshots.SUFFIX}"
     writer = snapshots.SnapshotWriter(registry.local, snapshot)
-    sidecar = Sidecar(config, registry, admin=False, reuse_port=True)
+    relay = HealthRelay(directory / HEALTH_SOCKET)
+    sidecar = Sidecar(config, registry, admin=False, reuse_port=True, health=relay)
     ticker: asyncio.Task[None] | None = None
 
     def started() -> None:
@@ -313,6 +394,7 @@ async def serve_worker(directory: Path, config: Config) -> None:
         if ticker is not None:
             ticker.cancel()
             writer.write()  # after the drain: the last requests' drift counts are in it
+        relay.close()
 
 
 async def _tick(writer: snapshots.SnapshotWriter, parent: int) -> None:

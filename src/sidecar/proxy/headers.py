@@ -56,13 +56,26 @@ _READ_BY_EXTRACTION = frozenset(
 # Lower-case names the proxy acts on, or notes. Every other header passes without a second look.
 NOTED = HOP_BY_HOP | {b"content-length", b"expect", b"host", _REQUEST_ID} | _READ_BY_EXTRACTION
 _NOT_NAMES = HOP_BY_HOP | {b"close", b""}  # Connection tokens that drop nothing more
-_LISTS = frozenset({b"connection", b"transfer-encoding"})  # noted with every value, joined
+# Noted with every value, joined: Connection and Transfer-Encoding are lists; Host is not, and a
+# comma in what is noted of it says that it came more than once.
+_LISTS = frozenset({b"connection", b"transfer-encoding", b"host"})
+# What frames a message or says where it goes. A Connection header that names one of them would
+# have the proxy drop it, and forward a message framed differently from the one it read (a body
+# without its length is read by the next hop as the start of another request): refused.
+_UNDROPPABLE = frozenset({b"content-length", b"host"})
+
+
+class AmbiguousFraming(ValueError):
+    """A message whose headers leave its framing or destination open to two readings."""
 
 
 def scan(raw: Iterable[tuple[bytes, bytes]]) -> tuple[RawHeaders, dict[bytes, bytes]]:
     """One pass over a message's headers: those to forward (all but the hop-by-hop ones and
     those Connection names, in order), and the value of each NOTED one by lower-case name (the
-    first; the values of Connection and Transfer-Encoding are joined, as lists they are)."""
+    first; the values of Connection, Transfer-Encoding and Host are joined, see _LISTS). Names
+    that Connection drops are not noted either: for the next hop they were never sent.
+
+    Raises AmbiguousFraming when Connection names Content-Length or Host."""
     forward: RawHeaders = []
     noted: dict[bytes, bytes] = {}
     for header in raw:
@@ -79,9 +92,22 @@ def scan(raw: Iterable[tuple[bytes, bytes]]) -> tuple[RawHeaders, dict[bytes, by
     if connection is not None and connection.lower() not in _NOT_NAMES:  # not just keep-alive
         # Header names listed in Connection are hop-by-hop for this message too.
         named = {token.strip().lower() for token in connection.split(b",")} - _NOT_NAMES
+        if named & _UNDROPPABLE:
+            msg = f"Connection names {b', '.join(sorted(named & _UNDROPPABLE)).decode()}"
+            raise AmbiguousFraming(msg)
         if named:
             forward = [header for header in forward if header[0].lower() not in named]
+            for name in named & noted.keys():
+                del noted[name]
     return forward, noted
+
+
+def relayable_codings(codings: bytes) -> bool:
+    """Whether the transfer codings (every Transfer-Encoding value, joined) are at most
+    `chunked`, the one coding the proxy takes off and puts back, and `identity` (none, in
+    RFC 2616's words). Any other, such as gzip under the chunks, would be lost on the way."""
+    named = [coding.strip().lower() for coding in codings.split(b",")]
+    return [coding for coding in named if coding != b"identity"] in ([], [b"chunked"])
 
 
 # (name, value) -> b"name: value". A head is built as b"\r\n".join([start line,

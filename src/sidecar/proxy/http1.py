@@ -29,7 +29,14 @@ from urllib.parse import unquote, urlsplit
 import httptools
 
 from sidecar.proxy.bodies import BodyBuffer
-from sidecar.proxy.headers import RawHeaders, field_line, parse_length, scan
+from sidecar.proxy.headers import (
+    AmbiguousFraming,
+    RawHeaders,
+    field_line,
+    parse_length,
+    relayable_codings,
+    scan,
+)
 from sidecar.proxy.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,8 @@ MAX_HEAD = 64 * 1024
 # answer before the client reads it (nginx's lingering close does the same).
 _LINGER = 2.0
 
+# llhttp refuses bytes over 0x7f in a request target; shown to it as "x" (see _take_raw_target).
+_ASCII_ONLY = bytes.maketrans(bytes(range(0x80, 0x100)), b"x" * 0x80)
 _METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")}
 _BODILESS_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -62,12 +71,23 @@ def _last_word(status: bytes) -> bytes:
 
 
 _BAD_REQUEST = _last_word(b"400 Bad Request")
+_REQUEST_TIMEOUT = _last_word(b"408 Request Timeout")
 _HEAD_TOO_LARGE = _last_word(b"431 Request Header Fields Too Large")
 _SERVER_ERROR = _last_word(b"500 Internal Server Error")
+_NOT_IMPLEMENTED = _last_word(b"501 Not Implemented")
 
 
-class _HeadTooLarge(Exception):
-    """Raised from a parser callback to stop llhttp at a head over MAX_HEAD."""
+class _Refused(Exception):
+    """Raised from a parser callback to stop llhttp at a head we will not relay; `answer` is
+    the client's last word."""
+
+    def __init__(self, answer: bytes) -> None:
+        super().__init__()
+        self.answer = answer
+
+
+class ClientBodyTimeout(ConnectionError):
+    """The client sent no body byte for client_body_timeout seconds: it is answered 408."""
 
 
 class Request:
@@ -116,6 +136,20 @@ def _path(target: bytes) -> str:
     return unquote(text) if "%" in text else text
 
 
+def _refusal(request: Request) -> bytes | None:
+    """The answer to a head the proxy will not relay, or None. RFC 9112 section 3.2: two Host
+    headers, or none in HTTP/1.1, are a 400 (which Host would the upstream route by?). Section
+    6.1: a transfer coding other than chunked is a 501, as nginx answers; llhttp takes the
+    chunks off, and the coding under them would be forwarded as if there were none."""
+    host = request.noted.get(b"host")
+    if (b"," in host) if host is not None else request.http11:
+        return _BAD_REQUEST
+    codings = request.noted.get(b"transfer-encoding")
+    if codings is not None and not relayable_codings(codings):
+        return _NOT_IMPLEMENTED
+    return None
+
+
 class BodyReader(BodyBuffer):
     """A request body still arriving: read it piece by piece (async for) or whole (read_all).
 
@@ -147,6 +181,9 @@ class HttpConnection(asyncio.Protocol):
 
     __slots__ = (
         "_body_full",
+        "_body_mark",
+        "_body_received",
+        "_body_since",
         "_broken",
         "_chunked",
         "_chunks",
@@ -165,6 +202,7 @@ class HttpConnection(asyncio.Protocol):
         "_parser",
         "_parsing",
         "_queue",
+        "_raw_target",
         "_reader",
         "_reading_paused",
         "_server",
@@ -189,6 +227,7 @@ class HttpConnection(asyncio.Protocol):
         self.idle_since = self._loop.time()
         # The message being parsed: its request line and headers, then its body.
         self._url = b""
+        self._raw_target: bytes | None = None  # the target as sent, where llhttp saw another
         self._headers: RawHeaders = []
         self._head_size = 0  # bytes received towards the next request's head
         self._parsing: Request | None = None  # headers complete, body still arriving
@@ -217,6 +256,10 @@ class HttpConnection(asyncio.Protocol):
         # What the transport held for the client at the last sweep, and since when.
         self._unsent = 0
         self._unsent_since = 0.0
+        # Body bytes received, and what the sweep saw of them last (request, count) and when.
+        self._body_received = 0
+        self._body_mark: tuple[Request, int] | None = None
+        self._body_since = 0.0
 
     # asyncio.Protocol
 
@@ -226,10 +269,12 @@ class HttpConnection(asyncio.Protocol):
         self._server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._broken is not None:
-            return
+        if self._broken is not None or self._linger is not None:
+            return  # past a last word: read and dropped
         if self._parsing is None:
             self._head_size += len(data)
+            if not self._url and not self._headers and not data.isascii():
+                data = self._take_raw_target(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -238,14 +283,27 @@ class HttpConnection(asyncio.Protocol):
             self._reject(b"")
             return
         except httptools.HttpParserError as exc:
-            too_large = isinstance(exc.__context__, _HeadTooLarge)
-            self._reject(_HEAD_TOO_LARGE if too_large else _BAD_REQUEST)
+            refused = exc.__context__
+            self._reject(refused.answer if isinstance(refused, _Refused) else _BAD_REQUEST)
             return
         if self._parsing is None:
             if self._head_size > MAX_HEAD:
                 self._reject(_HEAD_TOO_LARGE)
         elif self._reader is None and not self._collecting:
             self._body_pending(self._parsing)
+
+    def _take_raw_target(self, data: bytes) -> bytes:
+        """`data`, which starts a request line, with the bytes over 0x7f of its target shown to
+        llhttp as "x"; the target as sent is kept for the request. llhttp refuses them, but a
+        UTF-8 path (/café) is common, and nginx relays it as it came. A request line split over
+        two reads, or behind another request in one read, still gets 400."""
+        end = data.find(b"\n")
+        line = data[:end]
+        start, stop = line.find(b" ") + 1, line.rfind(b" ")
+        if end < 0 or not 0 < start < stop or not (line[:start] + line[stop:]).isascii():
+            return data  # not a whole request line, or the bytes are outside its target
+        self._raw_target = line[start:stop]
+        return data[:start] + self._raw_target.translate(_ASCII_ONLY) + data[stop:]
 
     def eof_received(self) -> bool | None:
         return None  # a client that stops sending has left: close, cancelling its request
@@ -289,22 +347,31 @@ class HttpConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         # _head_size counts whole reads, so it can also hold body bytes: count exactly if over.
         if self._head_size > MAX_HEAD and _head_size(self._url, self._headers) > MAX_HEAD:
-            raise _HeadTooLarge
+            raise _Refused(_HEAD_TOO_LARGE)
         parser = self._parser
         method = parser.get_method()
-        self._parsing = Request(
-            _METHODS.get(method) or method.decode("latin-1"),
-            self._url,
-            self._headers,
-            parser.get_http_version() == "1.1",
-            # Asked here: once the message is complete llhttp has reset and no longer knows.
-            parser.should_keep_alive(),
-        )
+        try:
+            request = Request(
+                _METHODS.get(method) or method.decode("latin-1"),
+                self._url if self._raw_target is None else self._raw_target,
+                self._headers,
+                parser.get_http_version() == "1.1",
+                # Asked here: once the message is complete llhttp has reset and no longer knows.
+                parser.should_keep_alive(),
+            )
+        except AmbiguousFraming:
+            raise _Refused(_BAD_REQUEST) from None
+        refusal = _refusal(request)
+        if refusal is not None:
+            raise _Refused(refusal)
+        self._parsing = request
         self._url = b""
+        self._raw_target = None
         self._headers = []
         self._head_size = 0
 
     def on_body(self, body: bytes) -> None:
+        self._body_received += len(body)
         if self._reader is not None:
             self._reader.feed(body)
         else:
@@ -351,7 +418,8 @@ class HttpConnection(asyncio.Protocol):
     def _start(self, request: Request) -> None:
         self._current = request
         self._head_sent = self._done = self._chunked = False
-        self._keep = request.keep_alive and not self.draining
+        # Draining, the last request the client has sent says Connection: close.
+        self._keep = request.keep_alive and not (self.draining and not self._more_behind())
         try:
             pending = self._server.handler(request, self)
         except Exception:
@@ -398,8 +466,8 @@ class HttpConnection(asyncio.Protocol):
             return
         self.idle_since = self._loop.time()
         if isinstance(request.body, BodyReader) and not request.body.complete:
-            self._keep = False  # answered before the body was read: the rest is in the way
-        if not (self._done and self._keep) or self.draining:
+            self._answered_early()
+        elif not (self._done and self._keep) or (self.draining and not self._more_behind()):
             self._close()
         elif self._queue:
             following = self._queue.popleft()
@@ -408,26 +476,63 @@ class HttpConnection(asyncio.Protocol):
         elif self._broken is not None:
             self._last_word(self._broken)
 
-    def _reject(self, answer: bytes) -> None:
-        """Unparseable input: answer it (after the requests before it), then close. From here
-        on, whatever the client sends is read and dropped."""
+    def _answered_early(self) -> None:
+        """The request was answered before its body was all read (an upstream that refused an
+        upload, a body that broke off or timed out): the rest of the body is in the way."""
+        if self._broken is not None and not self._head_sent:
+            self._last_word(self._broken)  # the body's own fault: 400, or 408
+        elif self._done:
+            # Closed at once with unread bytes, the connection would send a reset, which can
+            # destroy the answer before the client reads it.
+            self._last_word(b"")
+        else:
+            self._close()
+
+    def _more_behind(self) -> bool:
+        """Whether the client has sent more than the request in progress: requests waiting,
+        or one partly here."""
+        partial = self._parsing is not None and self._parsing is not self._current
+        return bool(partial or self._queue or self._head_size or self._url or self._headers)
+
+    def _reject(self, answer: bytes, error: ConnectionError | None = None) -> None:
+        """Input we cannot go on from: answer it (after the requests before it), then close.
+        From here on, whatever the client sends is read and dropped."""
         self._broken = answer
         if self._reader is not None:
             # Inside a body already being relayed: that exchange cannot end well, so it ends
-            # here, as if the client had left.
-            self._reader.fail(ConnectionResetError("malformed request body"))
-            self._close()
+            # here (finished() answers, unless the upstream's reply has begun).
+            self._reader.fail(error or ConnectionResetError("malformed request body"))
+            self._reader = None
         elif self._current is None:
             self._last_word(answer)
 
+    def body_stalled(self, now: float) -> float:
+        """For how long (seconds) a request's body has been awaited without a byte coming; 0
+        when none is awaited or reading is paused (the upstream is slower, not the client).
+        Sampled by the server's sweep, like stalled()."""
+        request = self._parsing
+        if request is None or self._reading_paused or self._broken is not None:
+            self._body_mark = None
+            return 0.0
+        mark = (request, self._body_received)
+        if mark != self._body_mark:
+            self._body_mark, self._body_since = mark, now
+        return now - self._body_since
+
+    def body_timed_out(self) -> None:
+        """No body byte for client_body_timeout: 408, and its request (upstream too) ends."""
+        self._body_mark = None
+        self._reject(_REQUEST_TIMEOUT, ClientBodyTimeout("no request body byte in time"))
+
     def _last_word(self, answer: bytes) -> None:
-        """Send `answer`, end our side, drain the client's for a moment, close."""
+        """Send `answer` (if any), end our side, drain the client's for a moment, close."""
         transport = self._transport
-        if transport is None or self._lost:
+        if transport is None or self._lost or self._linger is not None:
             return
         if self._held:
             self.flush()
-        transport.write(answer)
+        if answer:
+            transport.write(answer)
         if not transport.can_write_eof():
             self._close()
             return
@@ -588,14 +693,21 @@ class HttpConnection(asyncio.Protocol):
 
     @property
     def idle(self) -> bool:
-        return self._current is None
+        """No request in progress, none with its body arriving (a head may be partly here)."""
+        return self._current is None and self._parsing is None
+
+    def expire(self) -> None:
+        """Idle for too long (keepalive_timeout, or a head that never ends): close."""
+        self._close()
 
     def shutdown(self) -> None:
-        """Stop after the response in progress (now, if there is none)."""
+        """Stop once what the client has sent is answered: the request in progress, those
+        pipelined behind it, one partly here (now, if there is none)."""
         self.draining = True
         if self._current is None:
-            self._close()
-        elif not self._head_sent:
+            if not self._more_behind():
+                self._close()
+        elif not self._head_sent and not self._more_behind():
             self._keep = False  # its response says Connection: close
 
     def abort(self) -> None:
@@ -624,6 +736,7 @@ class Http1Server:
         whole_body_limit: int,
         keepalive_timeout: float = 75.0,
         send_timeout: float = 60.0,
+        body_timeout: float = 60.0,
     ) -> None:
         self.handler = handler
         # Bodies with a Content-Length up to this are read whole before the handler starts.
@@ -632,6 +745,9 @@ class Http1Server:
         # A client that takes none of our bytes for this long is cut off (nginx's send_timeout):
         # else its handler waits in drain() for ever, holding the upstream request.
         self.send_timeout = send_timeout
+        # A client that sends no byte of a request body for this long gets 408 (nginx's
+        # client_body_timeout): else it holds an upstream connection for as long as it likes.
+        self.body_timeout = body_timeout
         self.connections: set[HttpConnection] = set()
         self.outbox = Outbox()
         self._server: asyncio.Server | None = None
@@ -663,14 +779,14 @@ class Http1Server:
         if self._server is None:
             return
         self._server.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
         for connection in list(self.connections):
             connection.shutdown()
         if not await self._all_closed(drain_timeout):
             for connection in list(self.connections):
                 connection.abort()
             await self._all_closed(5.0)
+        if self._sweeper is not None:  # it kept timing bodies out while the rest drained
+            self._sweeper.cancel()
         await self._server.wait_closed()
         self._server = None
 
@@ -691,11 +807,13 @@ class Http1Server:
         return True
 
     async def _sweep(self) -> None:
-        """Close keep-alive connections idle for longer than keepalive_timeout, and cut those
-        whose client has taken no bytes for send_timeout. A sweep instead of timers per request:
-        a request costs a clock read, not a timer to set and cancel. A timeout fires up to a
-        quarter late."""
-        interval = max(min(self.keepalive_timeout, self.send_timeout) / 8, 0.01)
+        """Close keep-alive connections idle for longer than keepalive_timeout (a head that
+        takes as long too), answer 408 to those whose body has not moved for body_timeout, and
+        cut those whose client has taken no bytes for send_timeout. A sweep instead of timers
+        per request: a request costs a clock read, not a timer to set and cancel. A timeout
+        fires up to a quarter late."""
+        timeouts = (self.keepalive_timeout, self.send_timeout, self.body_timeout)
+        interval = max(min(timeouts) / 8, 0.01)
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
@@ -703,7 +821,9 @@ class Http1Server:
             deadline = now - self.keepalive_timeout
             for connection in list(self.connections):
                 if connection.idle and connection.idle_since < deadline:
-                    connection.shutdown()
+                    connection.expire()
+                elif connection.body_stalled(now) > self.body_timeout:
+                    connection.body_timed_out()
                 # Aborted, not closed: close() would wait for the buffer to drain, which it won't.
                 # Losing the connection cancels its handler, as when the client hangs up.
                 if connection.stalled(now) > self.send_timeout:

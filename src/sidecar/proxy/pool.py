@@ -10,6 +10,7 @@ needs: status, reason, raw headers and body chunks as they arrive.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
@@ -18,10 +19,17 @@ from typing import Protocol, cast
 import httptools
 
 from sidecar.proxy.bodies import BodyBuffer
-from sidecar.proxy.headers import field_line, parse_length, scan
+from sidecar.proxy.headers import (
+    AmbiguousFraming,
+    field_line,
+    parse_length,
+    relayable_codings,
+    scan,
+)
 from sidecar.proxy.outbox import Outbox
 from sidecar.proxy.upstream import (
     UpstreamError,
+    UpstreamInvalid,
     UpstreamReset,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -31,6 +39,9 @@ RawHeaders = Sequence[tuple[bytes, bytes]]
 Body = bytes | AsyncIterator[bytes] | None
 
 _MAX_IDLE = 256
+# RFC 9110 section 9.2.2: requests whose intended effect is the same sent once or twice. Only
+# these may go again after a connection failed with the request possibly received.
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 class UpstreamResponse(BodyBuffer):
@@ -54,7 +65,14 @@ class UpstreamResponse(BodyBuffer):
         self.status = status
         self.reason = reason  # as sent
         self.raw_headers = raw_headers
-        self.headers, self.noted = scan(raw_headers)  # the end-to-end ones; see headers.scan
+        try:
+            self.headers, self.noted = scan(raw_headers)  # the end-to-end ones; see headers.scan
+        except AmbiguousFraming as exc:
+            raise UpstreamInvalid(str(exc)) from None
+        codings = self.noted.get(b"transfer-encoding")
+        if codings is not None and not relayable_codings(codings):
+            msg = f"transfer coding {codings.decode('latin-1')!r}: only chunked can be relayed"
+            raise UpstreamInvalid(msg)
         self.content_length = parse_length(self.noted.get(b"content-length"))
 
     @property
@@ -88,6 +106,17 @@ class ReplyListener(Protocol):
     def reply_head(self, response: UpstreamResponse) -> None: ...
 
     def reply_failed(self, error: UpstreamError) -> None: ...
+
+
+class UpstreamHealth(Protocol):
+    """Told what the proxy's own traffic says of the upstream, on each change only: the freshest
+    health signal there is (sidecar.readiness acts on it)."""
+
+    def upstream_failed(self, reason: str) -> None:
+        """A connection was refused or timed out, or closed before any reply byte."""
+
+    def upstream_answered(self) -> None:
+        """A reply's head arrived after upstream_failed."""
 
 
 class _HeadFuture:
@@ -127,7 +156,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._until_close = False  # the response's body ends where the connection does
         self._paused = False
         self._writable: asyncio.Future[None] | None = None
+        self.sent_any = False  # bytes of the request in progress were handed to the socket
         self.received_any = False
+        self.body_unsent = False  # the reply came before the request's body was all sent
+        self.idle_since = 0.0  # loop time it went back to the pool
         self.closed = False
         self.skip_body = False
         self.deadline = math.inf  # while waiting for the upstream: give up after this loop time
@@ -144,7 +176,11 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            error = UpstreamReset(f"unparseable response from the upstream: {exc}")
+            cause = exc.__context__  # what a callback raised, if one did
+            if isinstance(cause, UpstreamInvalid):
+                error = cause
+            else:
+                error = UpstreamInvalid(f"unparseable response from the upstream: {exc}")
         # The head is told once the whole read is parsed: a small reply's body, which comes in
         # the same read, is then complete, and its listener can answer without waiting.
         if self._announce is not None:
@@ -216,6 +252,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _tell_head(self, response: UpstreamResponse) -> None:
         self._announce = None
+        if self._pool.failing:
+            self._pool.answered()
         self.deadline = math.inf
         listener, self._listener = self._listener, None
         if self.skip_body:
@@ -238,27 +276,61 @@ class UpstreamConnection(asyncio.Protocol):
         data, self._held = self._held, b""
         if data and not self.closed and self._transport is not None:
             self._transport.write(data)
+            self.sent_any = True
 
     async def send_stream(
         self, head: bytes, body: AsyncIterator[bytes], chunked: bool
     ) -> UpstreamResponse:
-        """Write a request whose body arrives as it is sent; return the response's head."""
+        """Write a request whose body arrives as it is sent; return the response's head. That
+        may come before the body is all sent: an upstream that refuses an upload (413, 401)
+        answers early, and the rest is not sent (as nginx does); the connection then closes."""
         assert self._transport is not None
+        listener = _HeadFuture(self.loop)
+        self._listener = listener  # not timed while the body comes at the client's pace
+        self.body_unsent = True
         self._transport.write(head)
+        self.sent_any = True
+        sending = self.loop.create_task(self._send_body(body, chunked))
+        sending.add_done_callback(functools.partial(self._body_failed, listener))
+        try:
+            return await listener.future
+        finally:
+            sending.cancel()  # if still sending: the reply is here, or nobody waits for it
+
+    async def _send_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
+        transport = self._transport
+        assert transport is not None
         async for chunk in body:
             if self.closed:
-                break  # the upstream is gone: _expect_response() says so
+                return  # the upstream is gone: its listener has heard
             if chunked:
-                self._transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
             else:
-                self._transport.write(chunk)
+                transport.write(chunk)
             if self._writable is not None:
+                # An upstream that stops reading the body is as silent as one that stops
+                # answering: timed the same way.
+                self.deadline = self.loop.time() + self.read_timeout
                 await self._writable
-        if chunked and not self.closed:
-            self._transport.write(b"0\r\n\r\n")
-        listener = _HeadFuture(self.loop)
-        self._expect_response(listener)
-        return await listener.future
+                self.deadline = math.inf
+        if self.closed:
+            return
+        if chunked:
+            transport.write(b"0\r\n\r\n")
+        self.body_unsent = False
+        if self._listener is not None:  # the reply is still to come: from now on it is timed
+            self.deadline = self.loop.time() + self.read_timeout
+
+    def _body_failed(self, listener: _HeadFuture, sending: asyncio.Task[None]) -> None:
+        """The body stopped coming (the client left, or its body broke off or timed out): the
+        request fails with what the client's side raised."""
+        error = None if sending.cancelled() else sending.exception()
+        if error is None:
+            return
+        if self._listener is listener:
+            self._listener = None
+        if not listener.future.done():
+            listener.future.set_exception(error)
 
     def _expect_response(self, listener: ReplyListener) -> None:
         if self.closed:  # gone while the body was being sent
@@ -291,7 +363,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._response = None
         self._listener = None
         self.deadline = math.inf
-        self._pool.give_back(self, reusable and not self.closed and self._keep_alive)
+        reusable = reusable and not self.closed and self._keep_alive and not self.body_unsent
+        self._pool.give_back(self, reusable)
 
     def close(self) -> None:
         """Close, forgetting the request in progress: nobody is told of its reply any more."""
@@ -313,18 +386,32 @@ class UpstreamPool:
     """Keep-alive connections to one upstream, opened on demand and reused."""
 
     def __init__(
-        self, host: str, port: int, *, tls: bool, connect_timeout: float, read_timeout: float
+        self,
+        host: str,
+        port: int,
+        *,
+        tls: bool,
+        connect_timeout: float,
+        read_timeout: float,
+        keepalive_timeout: float = 4.0,
+        health: UpstreamHealth | None = None,
     ) -> None:
         self._host = host
         self._port = port
         self._tls = ssl.create_default_context() if tls else None
         self._connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        # Idle connections are closed after this (seconds), before the upstream closes them
+        # itself (uvicorn, under MLServer and KServe, does after 5 s): a request sent just as
+        # the upstream closes fails, and a non-idempotent one cannot be sent again.
+        self.keepalive_timeout = keepalive_timeout
         self._idle: list[UpstreamConnection] = []
         self._busy: set[UpstreamConnection] = set()
         self.outbox = Outbox()
         self._watch: asyncio.Task[None] | None = None
         self._host_header = f"{host}:{port}".encode("latin-1")
+        self._health = health
+        self.failing = False  # the last word on the upstream's health was a failure
 
     async def request(
         self,
@@ -333,25 +420,27 @@ class UpstreamPool:
         headers: RawHeaders,
         body: Body,
         noted: Mapping[bytes, bytes] | None = None,
+        *,
+        pooled: bool = True,
     ) -> UpstreamResponse:
         """Send one request; return once the response head has arrived.
 
         `target` is the request target as it goes on the wire (path and query). `headers` go
         out as given (end-to-end headers, raw bytes). A body of unknown length is sent chunked.
-        A pooled connection that turns out closed before answering is retried once on a fresh
-        one when the body can be sent again (the upstream closed it while idle). `noted`, if
-        the caller has it, is what headers.scan found in `headers`: it saves looking for Host
-        and Content-Length again.
+        A pooled connection that turns out closed before answering is tried once more on a
+        fresh one, when may_resend() allows (the upstream closed it while idle). `pooled=False`
+        goes straight to a fresh connection. `noted`, if the caller has it, is what
+        headers.scan found in `headers`: it saves looking for Host and Content-Length again.
         """
         self._start_watch()
         head, chunked = self._head(method, target, headers, body, noted)
-        connection = self.idle_connection()
+        connection = self.idle_connection() if pooled else None
         if connection is not None:
             try:
                 return await self._send(connection, method, head, body, chunked)
             except UpstreamReset:
                 self.drop(connection)
-                if connection.received_any or not isinstance(body, bytes | None):
+                if not isinstance(body, bytes | None) or not may_resend(method, connection):
                     raise
             except BaseException:  # a timeout, or the client gone: a late reply must not be read
                 self.drop(connection)
@@ -359,15 +448,22 @@ class UpstreamPool:
         connection = await self._open()
         try:
             return await self._send(connection, method, head, body, chunked)
-        except BaseException:
+        except BaseException as exc:
             self.drop(connection)
+            if isinstance(exc, UpstreamReset) and not connection.received_any:
+                self.failed(str(exc))  # accepted, then closed unanswered: not serving
             raise
 
     def idle_connection(self) -> UpstreamConnection | None:
         """A pooled connection still open, taken out of the pool; None if there is none."""
+        if not self._idle:
+            return None
+        expired = asyncio.get_running_loop().time() - self.keepalive_timeout
         while self._idle:
             connection = self._idle.pop()
-            if not connection.closed:
+            if connection.idle_since < expired:
+                connection.close()  # and so are those below it, idle for longer
+            elif not connection.closed:
                 return connection
         return None
 
@@ -417,7 +513,8 @@ class UpstreamPool:
     def give_back(self, connection: UpstreamConnection, reusable: bool) -> None:
         self._busy.discard(connection)
         if reusable and len(self._idle) < _MAX_IDLE:
-            connection.received_any = False
+            connection.sent_any = connection.received_any = False
+            connection.idle_since = connection.loop.time()
             self._idle.append(connection)
         else:
             connection.close()
@@ -444,6 +541,10 @@ class UpstreamPool:
             now = loop.time()
             for connection in [c for c in self._busy if c.deadline < now]:
                 connection.time_out()
+            # The oldest idle connections are at the bottom: close those past keepalive_timeout.
+            expired = now - self.keepalive_timeout
+            while self._idle and self._idle[0].idle_since < expired:
+                self._idle.pop(0).close()
 
     async def _open(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
@@ -454,11 +555,25 @@ class UpstreamPool:
                 )
         except TimeoutError:
             msg = f"connecting to {self._host}:{self._port} took over {self._connect_timeout} s"
-            raise UpstreamUnreachable(msg) from None
         except OSError as exc:
             msg = f"cannot connect to {self._host}:{self._port}: {exc.strerror or exc}"
-            raise UpstreamUnreachable(msg) from exc
-        return connection
+        else:
+            return connection
+        self.failed(msg)
+        raise UpstreamUnreachable(msg)
+
+    def failed(self, reason: str) -> None:
+        """The proxy's traffic found the upstream not serving: tell `health`, once per change."""
+        if not self.failing:
+            self.failing = True
+            if self._health is not None:
+                self._health.upstream_failed(reason)
+
+    def answered(self) -> None:
+        """A reply came after failed(): the upstream serves again."""
+        self.failing = False
+        if self._health is not None:
+            self._health.upstream_answered()
 
     def _head(
         self,
@@ -490,6 +605,14 @@ class UpstreamPool:
 
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def may_resend(method: str, connection: UpstreamConnection) -> bool:
+    """Whether a request that failed on `connection` with no reply byte may be sent again on
+    another: an idempotent one (RFC 9110 section 9.2.2), or any that provably never left
+    (its write was dropped because the connection had closed first). Anything else may have
+    reached the upstream, and a second copy could act twice: the client gets a 502."""
+    return not connection.received_any and (method in IDEMPOTENT or not connection.sent_any)
 
 
 def _chunked(codings: bytes | None) -> bool:

@@ -18,8 +18,8 @@ from multidict import CIMultiDict
 
 from sidecar.exchange import Exchange, ExchangeObserver
 from sidecar.proxy.headers import REQUEST_ID, HeaderView, RawHeaders, new_request_id, parse_length
-from sidecar.proxy.http1 import BodyReader, HttpConnection, Request
-from sidecar.proxy.pool import UpstreamConnection, UpstreamPool, UpstreamResponse
+from sidecar.proxy.http1 import BodyReader, ClientBodyTimeout, HttpConnection, Request
+from sidecar.proxy.pool import UpstreamConnection, UpstreamPool, UpstreamResponse, may_resend
 from sidecar.proxy.upstream import UpstreamError, UpstreamReset
 from sidecar.proxy.usage import UsageFilter, ask_for_usage, usage_filter
 
@@ -28,6 +28,9 @@ from sidecar.proxy.usage import UsageFilter, ask_for_usage, usage_filter
 WHOLE_BODY_LIMIT = 1024 * 1024
 
 _REQUEST_ID = REQUEST_ID.encode()
+# Request ids are kept as the str of their bytes (latin-1, one char a byte), so that a client's
+# id goes back out exactly as it came, whatever its bytes.
+_ID_CODEC = "latin-1"
 _PHRASES = {502: b"Bad Gateway", 504: b"Gateway Timeout"}
 
 
@@ -94,10 +97,10 @@ class _Exchange:
         headers = request.end_to_end
         found = request.noted.get(b"x-request-id")
         if found:  # the client's id, kept
-            self.request_id = found.decode("latin-1")
+            self.request_id = found.decode(_ID_CODEC)
         else:
             self.request_id = new_request_id()
-            headers = [*headers, (_REQUEST_ID, self.request_id.encode())]
+            headers = [*headers, (_REQUEST_ID, self.request_id.encode(_ID_CODEC))]
         self.headers = headers
 
     # From callbacks
@@ -137,9 +140,9 @@ class _Exchange:
         connection, self._connection = self._connection, None
         assert connection is not None  # a listener is told once, while send_now's reply is awaited
         self._handler.pool.drop(connection)
-        if isinstance(error, UpstreamReset) and not connection.received_any:
-            # Closed by the upstream while idle, most likely: request() tries a fresh one.
-            self._client.continue_with(self.run())
+        if isinstance(error, UpstreamReset) and may_resend(self._request.method, connection):
+            # Closed by the upstream while idle, most likely: once more, on a fresh one.
+            self._client.continue_with(self.run(pooled=False))
             return
         self.record.fail(error.error_type)
         _answer_error(self._client, error, self.request_id, self.record)
@@ -165,12 +168,13 @@ class _Exchange:
 
     # In a task
 
-    async def run(self, upstream: UpstreamResponse | None = None) -> None:
-        """The exchange, or its rest once `upstream` (the reply's head) is here."""
+    async def run(self, upstream: UpstreamResponse | None = None, pooled: bool = True) -> None:
+        """The exchange, or its rest once `upstream` (the reply's head) is here; `pooled=False`
+        sends it on a fresh connection."""
         client, record = self._client, self.record
         try:
             if upstream is None:
-                upstream = await self._send()
+                upstream = await self._send(pooled)
                 if upstream is None:
                     return  # answered with the upstream's failure
             try:
@@ -181,6 +185,9 @@ class _Exchange:
                     await _relay(client, upstream, record, strip)
             finally:
                 upstream.release()
+        except ClientBodyTimeout:  # the connection answers it 408
+            record.fail("client_body_timeout")
+            record.status = 408
         except ConnectionError:  # a write to the client, or its body, failed: it has gone
             record.fail("client_disconnect")
         except asyncio.CancelledError:
@@ -191,7 +198,7 @@ class _Exchange:
         finally:
             self._tell_observer()
 
-    async def _send(self) -> UpstreamResponse | None:
+    async def _send(self, pooled: bool) -> UpstreamResponse | None:
         """The request, sent; the reply's head, or None once the client has the failure."""
         request, client, record, headers = self._request, self._client, self.record, self.headers
         if not isinstance(self._body, _Unread):  # after send_now's try: the body is read
@@ -210,7 +217,7 @@ class _Exchange:
         record.upstream_started = time.perf_counter()
         try:
             return await self._handler.pool.request(
-                request.method, request.target, headers, body, noted
+                request.method, request.target, headers, body, noted, pooled=pooled
             )
         except Exception as exc:  # every upstream failure maps to an answer and a metric
             if isinstance(exc, ConnectionError) and not isinstance(exc, UpstreamError):
@@ -260,7 +267,7 @@ def _reply(upstream: UpstreamResponse, request_id: str, record: _Record) -> Usag
     the request id if it did not echo one. Returns the usage filter its body must go through,
     if inject_usage rewrote the request."""
     if b"x-request-id" not in upstream.noted:
-        upstream.headers.append((_REQUEST_ID, request_id.encode()))
+        upstream.headers.append((_REQUEST_ID, request_id.encode(_ID_CODEC)))
     record.status = upstream.status
     if not (record.capture or record.strip_usage):
         return None  # nobody reads the headers of an exchange whose bodies are not read
@@ -419,7 +426,7 @@ def _answer_error(
     headers = [
         (b"Content-Type", b"application/json"),
         (b"Content-Length", b"%d" % len(body)),
-        (_REQUEST_ID, request_id.encode()),
+        (_REQUEST_ID, request_id.encode(_ID_CODEC)),
     ]
     record.status, record.response_headers = error.status, HeaderView(headers)
     # The client may be gone already (it gave up waiting); then there is nobody left to tell.

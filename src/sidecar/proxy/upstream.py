@@ -27,3 +27,12 @@ class UpstreamReset(UpstreamError, ConnectionResetError):
     error_type = "upstream_reset"
     status = 502
     reason = "upstream closed the connection"
+
+
+class UpstreamInvalid(UpstreamError):
+    """A reply the proxy cannot relay as it is: unparseable, framed two ways, or in a transfer
+    coding other than chunked (which the relay would take off with the chunks)."""
+
+    error_type = "upstream_invalid"
+    status = 502
+    reason = "upstream sent an invalid response"
