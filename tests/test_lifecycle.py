@@ -114,6 +114,28 @@ async def _start_process(upstream: str, *extra: str) -> tuple[asyncio.subprocess
     pytest.fail("sidecar did not start")
 
 
+async def test_sigterm_keeps_serving_with_readyz_failing_for_the_shutdown_delay(canned_upstream):
+    """Kubernetes drops a pod's endpoints as it sends SIGTERM, and load balancers follow a few
+    seconds later: for shutdown_delay (5 s by default) /readyz says 503 while new connections
+    are still answered, then the sidecar exits 0."""
+    process, port, metrics_port = await _start_process(canned_upstream.url)
+    process.send_signal(signal.SIGTERM)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            async with session.get(f"http://127.0.0.1:{metrics_port}/readyz") as response:
+                status, answer = response.status, await response.json()
+            if status == 503:
+                break
+            await asyncio.sleep(0.02)
+        assert (status, answer["reason"]) == (503, "draining: shutting down")
+    async with (
+        aiohttp.ClientSession() as session,  # a new connection, after the signal
+        session.post(f"http://127.0.0.1:{port}/echo", data=b"still here") as response,
+    ):
+        assert (response.status, await response.read()) == (200, b"still here")
+    assert await asyncio.wait_for(process.wait(), 30) == 0
+
+
 async def test_sigterm_drains_in_flight_requests(canned_upstream):
     """SIGTERM: the in-flight slow request still completes, new connections are refused, exit 0."""
     process, port, _ = await _start_process(canned_upstream.url, "--drain-timeout", "20")

@@ -59,6 +59,7 @@ async def supervisor(upstream: str, *extra: str, workers: int = 2) -> AsyncItera
         *(sys.executable, "-m", "sidecar", "serve", "--upstream", upstream, "--host", "127.0.0.1"),
         *("--port", str(port), "--metrics-port", str(metrics_port), "--workers", str(workers)),
         *("--drain-timeout", "5", *extra),
+        env={**os.environ, "SIDECAR_SHUTDOWN_DELAY": "0"},  # no load balancer to wait for
     )
     running = Running(process, port, metrics_port)
     try:

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Start an iris model server (a real MLServer with --mlserver, else the bundled toy "
             "model), put the sidecar in front of it, send traffic, print a metrics excerpt, "
-            "then keep serving until Ctrl-C."
+            "then keep serving until Ctrl-C or SIGTERM, which stop everything it started."
         ),
     )
     demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
@@ -216,16 +216,19 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     logs.configure("warning")
-    from sidecar.demo import run_demo
+    from sidecar.demo import run_demo, until_signalled
 
+    # Ctrl-C before until_signalled is in place surfaces as KeyboardInterrupt: nothing started yet.
     with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(
-            run_demo(
-                port=args.port,
-                metrics_port=args.metrics_port,
-                requests=args.requests,
-                once=args.once,
-                mlserver=args.mlserver,
+            until_signalled(
+                run_demo(
+                    port=args.port,
+                    metrics_port=args.metrics_port,
+                    requests=args.requests,
+                    once=args.once,
+                    mlserver=args.mlserver,
+                )
             )
         )
     return 0
@@ -233,8 +236,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _demo_model(args: argparse.Namespace) -> int:
     logs.configure("info")
-    from sidecar.demo import serve_model
+    from sidecar.demo import serve_model, until_signalled
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_model(args.host, args.port))
+    with contextlib.suppress(KeyboardInterrupt):  # as in _demo
+        asyncio.run(until_signalled(serve_model(args.host, args.port)))
     return 0

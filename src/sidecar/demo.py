@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import json
 import random
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,38 @@ async def serve_model(host: str, port: int) -> None:
         await asyncio.Event().wait()
 
 
+async def until_signalled(main: Coroutine[Any, Any, None]) -> None:
+    """Run `main` until it returns, or until SIGTERM or SIGINT cancels it.
+
+    Cancelling unwinds every `async with` in `main`: the sidecar drains and MLServer's process
+    group is stopped (sidecar.mlserver), so nothing the demo started outlives it. After a
+    signal this returns normally and the command exits 0, as `sidecar serve` does: being
+    stopped is how a demo ends, and 128 + signal would tell a shell it died unhandled.
+    """
+    task = asyncio.create_task(main)
+    signalled = False
+
+    def stop() -> None:
+        nonlocal signalled
+        # Once only: a second Ctrl-C must not cancel the clean-up the first one started, which
+        # is bounded anyway (children get SIGKILL when SIGTERM is not enough).
+        if not signalled:
+            signalled = True
+            task.cancel()
+
+    loop = asyncio.get_running_loop()
+    for signum in (
+        signal.SIGTERM,  # `kill <pid>`, and service managers stopping us
+        signal.SIGINT,  # Ctrl-C in a terminal
+    ):
+        loop.add_signal_handler(signum, stop)
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not signalled:  # cancelled from outside: not ours to swallow
+            raise
+
+
 async def run_demo(
     *, port: int, metrics_port: int, requests: int, once: bool, mlserver: Path | None
 ) -> None:
@@ -163,6 +196,8 @@ async def run_demo(
             mapping=MappingSpec(class_names=CLASSES),
             model_name="iris",
             health_interval=2.0,
+            # No load balancer to tell: Ctrl-C closes the ports at once.
+            shutdown_delay=0.0,
         )
         sidecar = Sidecar(config)
         await sidecar.start()

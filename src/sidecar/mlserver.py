@@ -14,13 +14,14 @@ import http.client
 import json
 import os
 import random
-import signal
 import socket
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
+
+from sidecar.children import die_with_parent, stop_group
 
 __all__ = [
     "MODEL_NAME",
@@ -85,8 +86,10 @@ async def run_mlserver(
 
     `mlserver_bin` is the `mlserver` script of a venv that also holds mlserver-sklearn and
     scikit-learn (scripts/install-mlserver makes one). Everything is written under `workdir`:
-    `models/` (settings and model.joblib), `mlserver.log`. On exit the whole process group
-    is terminated (MLServer may fork workers), then killed if it lingers.
+    `models/` (settings and model.joblib), `mlserver.log`. On exit, cancellation included,
+    the whole process group is terminated (MLServer may fork workers), then killed if it
+    lingers; if this process dies without a chance to clean up, Linux sends MLServer and the
+    training run SIGTERM (sidecar.children).
 
         async with run_mlserver(Path(".venv-mlserver/bin/mlserver"), tmp) as server:
             print(server.url)  # http://127.0.0.1:PORT, model "iris", version "v1"
@@ -98,7 +101,7 @@ async def run_mlserver(
     try:
         yield MLServer(url, MODEL_NAME, MODEL_VERSION, log_path, process.pid)
     finally:
-        await _stop(process)
+        await stop_group(process)
 
 
 def iris_rows(rng: random.Random, count: int) -> list[list[float]]:
@@ -227,8 +230,16 @@ async def _train(python: Path, model_path: Path) -> None:
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        # A session of its own, as MLServer's: a terminal's Ctrl-C reaches only us and we stop
+        # the child, which could otherwise die first and be reported as a failed training.
+        start_new_session=True,
+        preexec_fn=die_with_parent(),
     )
-    output, _ = await process.communicate()
+    try:
+        output, _ = await process.communicate()
+    except BaseException:  # cancelled (the demo got SIGTERM or Ctrl-C): training must stop too
+        await stop_group(process)
+        raise
     if process.returncode != 0:
         tail = output.decode(errors="replace")[-2000:]
         msg = f"training the iris model with {python} failed ({process.returncode}):\n{tail}"
@@ -263,8 +274,9 @@ async def _spawn(mlserver_bin: Path, models: Path, log_path: Path) -> asyncio.su
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log,
             stderr=log,
-            # Its own process group, so _stop reaches any child MLServer starts.
+            # Its own process group, so stop_group reaches any child MLServer starts.
             start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
 
 
@@ -285,14 +297,14 @@ async def _start(
             async with asyncio.timeout(ready_timeout):
                 await _wait_ready(process, url, log_path)
         except _PortTaken:
-            await _stop(process)
+            await stop_group(process)
             continue
         except TimeoutError:
-            await _stop(process)
+            await stop_group(process)
             reason = f"MLServer at {url} was not ready within {ready_timeout:.0f} s"
             raise MLServerError(await _failure(reason, log_path)) from None
         except BaseException:
-            await _stop(process)
+            await stop_group(process)
             raise
         return process, url
     reason = f"MLServer lost a port to another process {_BIND_RETRIES} times in a row"
@@ -327,21 +339,6 @@ def _get_status(url: str) -> int | None:
         return None
     finally:
         connection.close()
-
-
-async def _stop(process: asyncio.subprocess.Process, grace: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL it if the leader has not exited within `grace`."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        try:
-            await asyncio.wait_for(process.wait(), grace)
-        except TimeoutError:
-            continue
-        # The leader is gone; a worker it left behind in the group gets no grace.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        return
 
 
 async def _log_text(path: Path) -> str:

@@ -36,6 +36,7 @@ from prometheus_client.process_collector import ProcessCollector
 from sidecar import mpfiles, snapshots
 from sidecar.admin import AdminServer, make_admin_app
 from sidecar.app import Sidecar, keep_running, make_probe, url_of, watch_config
+from sidecar.children import die_with_parent
 from sidecar.config import Config, ConfigError
 from sidecar.files import write_atomically
 from sidecar.logs import RateLimitedLog
@@ -199,6 +200,8 @@ class Supervisor:
             str(self._directory),
             stdin=asyncio.subprocess.DEVNULL,
             env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self._directory)},
+            # A supervisor killed outright must not leave its workers serving the port alone.
+            preexec_fn=die_with_parent(),
         )
         worker = _Worker(slot, process, self._config_version)
         if self._stop.is_set():  # stopped while it was being spawned: it must not outlive us
