@@ -1,7 +1,7 @@
 # Shared by the benchmark scripts: paths, the canned upstream, cleanup. Source it, do not run it.
 set -u
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BENCH=${BENCH:-$ROOT/../shared/bench}   # nginx configs, post.lua, naive proxy
+BENCH=${BENCH:-$ROOT/benchmarks}   # nginx configs, post.lua, naive proxy, side_by_side.sh
 PY=${PY:-$ROOT/.venv/bin/python}
 SIDECAR=${SIDECAR:-$ROOT/.venv/bin/sidecar}
 WORK=${WORK:-/tmp/sidecar-bench}
@@ -13,7 +13,7 @@ trap cleanup EXIT
 
 need() { # command... : fail early with the package to install
   for c in "$@"; do
-    command -v "$c" >/dev/null || { echo "missing $c (apt-get install -y nginx-light wrk)" >&2; exit 2; }
+    command -v "$c" >/dev/null || { echo "missing $c (apt-get install -y nginx wrk)" >&2; exit 2; }
   done
 }
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Throughput, one run side by side (../shared/bench/run.sh): direct, nginx proxy_pass, the naive
+# Throughput, one run side by side (side_by_side.sh): direct, nginx proxy_pass, the naive
 # aiohttp proxy and the sidecar with the kserve-v1 preset on post.lua's iris traffic, one worker
 # pinned to CPU 1; then the proxy alone. Then `--workers 1` against `--workers 2`: the CPU each
 # request costs them, which is what decides how two workers scale on two free cores.
@@ -9,10 +9,10 @@
 need nginx wrk taskset
 ARGS="serve --upstream http://127.0.0.1:18001 --host 127.0.0.1 --port 18005 --metrics-port 18006 --log-level warning --preset kserve-v1 --model-name iris"
 echo "== one worker, pinned to CPU 1 (side by side with the baselines)"
-PY=$PY SIDECAR_CMD="$SIDECAR $ARGS" bash "$BENCH/run.sh"
+PY=$PY SIDECAR_CMD="$SIDECAR $ARGS" bash "$BENCH/side_by_side.sh"
 echo
 echo "== proxy only (no preset), one worker"
-PY=$PY SIDECAR_CMD="$SIDECAR ${ARGS% --preset*}" bash "$BENCH/run.sh" | grep -E "^sidecar|naive-aiohttp |nginx-proxy"
+PY=$PY SIDECAR_CMD="$SIDECAR ${ARGS% --preset*}" bash "$BENCH/side_by_side.sh" | grep -E "^sidecar|naive-aiohttp |nginx-proxy"
 echo
 echo "== --workers 1 vs --workers 2, all of them on CPU 1; upstream and wrk on CPU 0"
 # Two workers can only double the rate on two cores the load generator does not need; this

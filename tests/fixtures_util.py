@@ -1,7 +1,5 @@
-"""Captured model-server traffic from ../shared/fixtures, as extraction `Message`s.
-
-The fixtures live in the `shared/` directory next to the repository checkout (CI clones it there).
-"""
+"""Captured model-server traffic from tests/fixtures (its README says how it was captured), as
+extraction `Message`s."""
 
 from __future__ import annotations
 
@@ -13,7 +11,7 @@ from pathlib import Path
 
 from sidecar.extract.types import Message
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SERVERS = ("mlflow", "mlserver", "kserve", "torchserve", "openai")
 
 

@@ -1,4 +1,4 @@
-"""Every preset against the real traffic it claims in ../shared/fixtures."""
+"""Every preset against the real traffic it claims in tests/fixtures."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ __all__ = [
 MODEL_NAME: Final = "iris"
 MODEL_VERSION: Final = "v1"
 
-# Run by the MLServer venv's python: the same model as every fixture in shared/fixtures.
+# Run by the MLServer venv's python: the same model as every fixture in tests/fixtures.
 _TRAIN = """\
 import sys
 import joblib
