@@ -12,6 +12,7 @@ import pytest
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, generate_latest
 
+from sidecar import pipeline as pipeline_module
 from sidecar.app import Sidecar, build_routes
 from sidecar.config import RouteConfig, load
 from sidecar.demo import CLASSES
@@ -287,3 +288,67 @@ async def test_a_reload_forgets_the_routes_remembered_per_path():
     text = generate_latest(registry).decode()
     assert sample(text, "ml_requests_total", route="predict") == 1
     assert sample(text, "ml_requests_total", route="other") == 1
+
+
+def large_exchange(pipeline: Pipeline, rows: int) -> None:
+    """One kserve-v1 exchange of `rows` rows through the pipeline, over LARGE_BODY_BYTES."""
+    values = [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, float("nan"), 2.5], [7.0, 3.2, 4.7, 1.4]]
+    body = json.dumps({"instances": (values * rows)[:rows]}).encode()
+    answer = json.dumps({"predictions": ([[0.1, 0.7, 0.2], [0.8, 0.1, 0.1]] * rows)[:rows]})
+    headers = CIMultiDict({"Content-Type": "application/json"})
+    ticket = pipeline.begin("POST", "/v1/models/iris:predict")
+    pipeline.end(
+        ticket,
+        Exchange(
+            method="POST",
+            path="/v1/models/iris:predict",
+            status=200,
+            request_id="large",
+            request_headers=headers,
+            response_headers=headers,
+            request_body=body,
+            response_body=answer.encode(),
+            request_size=len(body),
+            response_size=len(answer),
+            upstream_seconds=0.5,
+            total_seconds=0.6,
+        ),
+    )
+
+
+# Drift series that draw random numbers (PIT ties, the noise floor) or hang on where the window
+# turns, which a batch's rows recorded in several steps move: the bins themselves do not.
+_BY_STEPS = ("ml_drift_pit", "ml_drift_noise_floor", "ml_drift_score", "ml_drift_window")
+
+
+def model_samples(registry: CollectorRegistry) -> list[str]:
+    lines = generate_latest(registry).decode().splitlines()
+    return sorted(
+        line
+        for line in lines
+        if line.startswith("ml_") and "_created" not in line and not line.startswith(_BY_STEPS)
+    )
+
+
+async def test_a_large_exchange_is_recorded_as_a_small_one_would_be(monkeypatch):
+    """Read in its thread a slice at a time and recorded RECORD_ROWS rows per turn of the loop,
+    a 20,000-row exchange gives every model metric the value that reading it at once on the
+    loop gives, drift bins included. (Drift's reference is frozen from a first, small exchange:
+    one frozen from traffic takes whole batches, and the large one is recorded in several.)"""
+    on_loop, on_loop_registry = kserve_pipeline()
+    threaded, threaded_registry = kserve_pipeline()
+    for pipeline in (on_loop, threaded):
+        large_exchange(pipeline, 2_000)  # not large: 50 KB
+        pipeline.flush()
+    monkeypatch.setattr(pipeline_module, "LARGE_BODY_BYTES", 2**40)  # nothing is large
+    large_exchange(on_loop, 20_000)
+    on_loop.flush()
+    monkeypatch.undo()
+    large_exchange(threaded, 20_000)
+    for _ in range(500):  # the last rows recorded are the last confidences counted
+        text = generate_latest(threaded_registry).decode()
+        if sample(text, "ml_prediction_confidence_count") == 22_000:
+            break
+        await asyncio.sleep(0.01)
+    assert model_samples(threaded_registry) == model_samples(on_loop_registry)
+    assert sample(generate_latest(threaded_registry).decode(), "ml_batch_size_sum") == 22_000

@@ -130,6 +130,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     low_confidence_threshold: float = 0.7
     features: dict[str, FeatureRule] = msgspec.field(default_factory=dict)
     record_queue_size: int = 10_000
+    large_body_queue_bytes: int = 64 * 1024 * 1024  # large payloads waiting to be read
     config_watch_interval: float = 5.0
     workers: int = 1  # proxy processes sharing the port (sidecar.workers); 1 = no supervisor
     feedback: FeedbackSettings = msgspec.field(default_factory=FeedbackSettings)
@@ -167,6 +168,9 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
             raise ValueError(msg)
         if self.label_cap < 1:
             msg = f"label_cap must be at least 1, got {self.label_cap}"
+            raise ValueError(msg)
+        if self.large_body_queue_bytes < 1:
+            msg = f"large_body_queue_bytes must be at least 1, got {self.large_body_queue_bytes}"
             raise ValueError(msg)
         if self.workers < 1:
             msg = f"workers must be at least 1, got {self.workers}"

@@ -15,6 +15,7 @@ from typing import Any, Final
 import msgspec
 import orjson
 
+from sidecar.extract import sliced
 from sidecar.extract.errors import BodyError
 from sidecar.extract.types import Message
 
@@ -56,7 +57,7 @@ class Parsed(msgspec.Struct, frozen=True, gc=False):  # a Struct: made per body,
         numpy reads JSON booleans as 1.0/0.0, so a table built in one vectorised step is exact only
         when the body holds no boolean at all (or the 0/1 cells are checked one by one).
         """
-        return b"true" in self.raw or b"false" in self.raw
+        return sliced.contains(self.raw, b"true") or sliced.contains(self.raw, b"false")
 
 
 Decoded = Parsed | _Skipped
@@ -76,7 +77,7 @@ def decode(message: Message) -> Decoded:
     if body is None or not body or body.isspace():
         return SKIPPED
     try:
-        return Parsed(orjson.loads(body), body)
+        return Parsed(sliced.loads(body), body)  # orjson's, a slice at a time if large
     except orjson.JSONDecodeError:
         pass
     # orjson rejects NaN/Infinity literals and numbers beyond a double, which Python's json reads

@@ -18,6 +18,7 @@ import numpy as np
 import orjson
 from numpy.typing import NDArray
 
+from sidecar.extract import sliced
 from sidecar.extract.errors import MappingError
 from sidecar.extract.types import FeatureTable
 
@@ -185,7 +186,7 @@ def _numbers(values: Any, *, check_booleans: bool) -> Floats | None:
     if not _numeric_ends(values):
         return None
     try:
-        array = np.asarray(values)
+        array = sliced.asarray(values)
     except (ValueError, TypeError, RecursionError):  # ragged, or deeper than numpy's 64 dims
         return None
     # Nulls and mixed cells give dtype object, strings give a unicode dtype, all-booleans give bool.

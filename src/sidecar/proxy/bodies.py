@@ -10,6 +10,7 @@ must not make us hold a fast sender's whole body.
 from __future__ import annotations
 
 import asyncio
+import copy
 from typing import Protocol
 
 __all__ = ["HIGH_WATER", "BodyBuffer", "Flow"]
@@ -27,13 +28,28 @@ class Flow(Protocol):
         """Read from the socket again."""
 
 
+class _Over:
+    """The flow of a body that is over (read to its end, or failed): nothing is left to pause or
+    resume. Put in the connection's place, it ends the cycle between the connection and this
+    body, so that both go by reference count once the connection is dropped."""
+
+    def body_full(self) -> None:
+        pass
+
+    def body_drained(self) -> None:
+        pass
+
+
+_OVER = _Over()
+
+
 class BodyBuffer:
     """Body chunks fed by a parser, read by one task (see the module's docstring)."""
 
     __slots__ = ("_chunks", "_done", "_error", "_flow", "_paused", "_size", "_waiter")
 
     def __init__(self, flow: Flow) -> None:
-        self._flow = flow
+        self._flow: Flow = flow
         self._chunks: list[bytes] = []
         self._size = 0
         self._paused = False
@@ -60,7 +76,10 @@ class BodyBuffer:
         """Like read(), but None instead of waiting: a body that came whole costs no await."""
         if not self._chunks:
             if self._error is not None:
-                raise self._error
+                # A copy: raised, an error takes a traceback whose frames refer to this buffer
+                # and its connection. Kept here, it would make them a cycle that only the cyclic
+                # collector frees (memory.py says how rarely that runs), body chunks included.
+                raise copy.copy(self._error)
             return b"" if self._done else None
         chunk = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks = []
@@ -68,6 +87,8 @@ class BodyBuffer:
         if self._paused:
             self._paused = False
             self._flow.body_drained()
+        if self._done:
+            self._flow = _OVER
         return chunk
 
     async def _wait(self) -> None:
@@ -99,4 +120,5 @@ class BodyBuffer:
         """The body ends with `error`, which read() raises once what arrived before is read."""
         if not self._done:
             self._error = error
+        self._flow = _OVER
         self._wake()

@@ -310,6 +310,9 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        # The parser holds our bound callbacks: left, the pair would wait for the cyclic
+        # collector with whatever the connection holds (tests/test_big_bodies.py).
+        del self._parser
         if self._linger is not None:
             self._linger.cancel()
         self._queue.clear()
@@ -317,11 +320,13 @@ class HttpConnection(asyncio.Protocol):
             self._reader.fail(ConnectionResetError(_GONE))
         if self._write_waiter is not None and not self._write_waiter.done():
             self._write_waiter.set_result(None)
-        if self._worker is not None and not self._worker.done():
+        worker, self._worker = self._worker, None
+        if worker is not None and not worker.done():
             # Cancelling the task ends the request in progress, upstream included. A callback,
             # not the task's own finally: a task cancelled before its first step never runs it.
-            self._worker.cancel()
-            self._worker.add_done_callback(lambda _: self._server.forget(self))
+            # Not kept: the task's CancelledError holds a traceback that holds this connection.
+            worker.cancel()
+            worker.add_done_callback(lambda _: self._server.forget(self))
             return
         hang_up, self._hang_up = self._hang_up, None
         if hang_up is not None:

@@ -199,6 +199,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        del self._parser  # it holds our bound callbacks: see HttpConnection.connection_lost
         reason = f": {exc}" if exc else ""
         self._fail(UpstreamReset(f"upstream closed the connection{reason}"))
         if self._writable is not None and not self._writable.done():
