@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.app import Sidecar
 from sidecar.config import Config
-from sidecar.demo import make_model_app, serve_app
+from sidecar.demo.model import make_model_app, serve_app
 from tests.bare_response import BareResponse
 
 BIG = 20 * 1024 * 1024

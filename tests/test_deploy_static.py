@@ -406,7 +406,7 @@ def test_compose_traffic_generator_calls_the_demo_as_it_is() -> None:
     """The traffic service's inline script compiles and calls send_traffic with arguments it has."""
     import inspect
 
-    from sidecar.demo import send_traffic
+    from sidecar.demo.model import send_traffic
 
     script = compose()["services"]["traffic"]["command"][0]
     compile(script, "traffic", "exec")

@@ -12,9 +12,9 @@ from prometheus_client import CollectorRegistry
 from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
-from sidecar import profile as profiles
+from sidecar.drift import profile as profiles
+from sidecar.drift.recorder import DriftRecorder, DriftSettings
 from sidecar.extract.types import FeatureTable
-from sidecar.recorders.drift import DriftRecorder, DriftSettings
 
 MODEL = {"model_name": "m", "model_version": "1"}
 

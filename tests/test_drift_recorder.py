@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from sidecar import profile as profiles
+from sidecar.drift import profile as profiles
+from sidecar.drift.recorder import DriftRecorder, DriftSettings
 from sidecar.extract.types import FeatureTable, Outputs
-from sidecar.recorders.drift import DriftRecorder, DriftSettings
 
 MODEL = {"model_name": "iris", "model_version": "1"}
 

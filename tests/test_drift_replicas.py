@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sidecar.demo import CLASSES, FEATURES, predict_proba, sample_rows
+from sidecar.demo.model import CLASSES, FEATURES, predict_proba, sample_rows
 from tests.prometheus_stack import (
     PROMETHEUS_DIR,
     Prometheus,

@@ -17,7 +17,7 @@ import pytest
 
 from sidecar.app import Sidecar
 from sidecar.config import FeedbackSettings
-from sidecar.demo import CLASSES
+from sidecar.demo.model import CLASSES
 from sidecar.extract.spec import MappingSpec
 from tests.conftest import StartSidecar, sample, scrape, scrape_until
 

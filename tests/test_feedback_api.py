@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from sidecar.config import FeedbackSettings, load
-from sidecar.recorders.feedback import MAX_ITEMS
+from sidecar.feedback.recorder import MAX_ITEMS
 from tests.conftest import StartSidecar, scrape, scrape_until
 from tests.test_feedback import (
     iris_rows,

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from sidecar.app import Sidecar
 from sidecar.config import FeedbackSettings, RouteConfig
-from sidecar.demo import serve_app
+from sidecar.demo.model import serve_app
 from sidecar.extract.spec import MappingSpec
 from tests.conftest import StartSidecar, scrape, scrape_until
 from tests.test_feedback import (

@@ -22,7 +22,7 @@ import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.app import Sidecar
-from sidecar.mlserver import MLServer, iris_rows, run_mlserver, send_v2_traffic, v2_body
+from sidecar.demo.mlserver import MLServer, iris_rows, run_mlserver, send_v2_traffic, v2_body
 from tests.conftest import StartSidecar, scrape
 
 pytestmark = [

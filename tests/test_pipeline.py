@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from sidecar.app import Sidecar, build_routes
 from sidecar.config import RouteConfig, load
-from sidecar.demo import CLASSES
+from sidecar.demo.model import CLASSES
 from sidecar.exchange import Exchange
 from sidecar.extract.spec import MappingSpec
 from sidecar.pipeline import Pipeline

@@ -13,8 +13,9 @@ import pyarrow.csv as pv
 import pyarrow.parquet as pq
 import pytest
 
-from sidecar import profile as profiles
-from sidecar import profile_cli, profile_io
+from sidecar.drift import cli as profile_cli
+from sidecar.drift import profile as profiles
+from sidecar.drift import sources as profile_io
 
 ROWS = 6000
 

@@ -21,10 +21,10 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar import mpfiles
 from sidecar.cli import main
-from sidecar.demo import FEATURES, sample_rows
-from sidecar.workers import HEALTH_SOCKET, HealthInbox, HealthRelay
+from sidecar.demo.model import FEATURES, sample_rows
+from sidecar.workers import mpfiles
+from sidecar.workers.supervisor import HEALTH_SOCKET, HealthInbox, HealthRelay
 from tests.conftest import CannedUpstream, free_port
 from tests.test_drift_e2e import write_reference
 from tests.test_readiness import restartable_upstream, until

@@ -9,7 +9,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from sidecar.recorders.feedback import FeedbackError, FeedbackRecorder, parse_feedback
+from sidecar.feedback.recorder import FeedbackError, FeedbackRecorder, parse_feedback
 
 ReadinessCheck = Callable[[], tuple[bool, str]]
 

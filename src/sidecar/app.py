@@ -18,10 +18,10 @@ from prometheus_client.process_collector import ProcessCollector
 
 from sidecar.admin import AdminServer, make_admin_app
 from sidecar.config import Config, ConfigError
+from sidecar.drift.profile import load as load_profile
 from sidecar.extract.compile import build_readers
 from sidecar.extract.presets import PRESETS
 from sidecar.pipeline import Pipeline
-from sidecar.profile import load as load_profile
 from sidecar.proxy.http1 import Http1Server
 from sidecar.proxy.pool import UpstreamHealth, UpstreamPool
 from sidecar.proxy.server import ProxyHandler

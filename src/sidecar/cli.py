@@ -17,11 +17,13 @@ from typing import Any
 
 import uvloop
 
-from sidecar import __version__, loadtest_cli, logs, profile_cli
+from sidecar import __version__, logs
 from sidecar.config import Config, ConfigError, load
+from sidecar.drift import cli as profile_cli
+from sidecar.drift.profile import ProfileError
+from sidecar.drift.profile import load as load_profile
+from sidecar.loadtest import cli as loadtest_cli
 from sidecar.memory import freeze_startup, pin_mmap_threshold
-from sidecar.profile import ProfileError
-from sidecar.profile import load as load_profile
 
 log = logging.getLogger("sidecar")
 
@@ -172,7 +174,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _supervise(config: Config, reload: Callable[[], Config] | None, watch: Path | None) -> int:
-    from sidecar.workers import Supervisor, WorkersFailed
+    from sidecar.workers.supervisor import Supervisor, WorkersFailed
 
     if config.drift.profile is not None:
         load_profile(config.drift.profile)  # a bad profile exits 2 here, before any worker runs
@@ -185,7 +187,7 @@ def _supervise(config: Config, reload: Callable[[], Config] | None, watch: Path 
 
 
 def _serve_worker(directory: Path) -> int:
-    from sidecar.workers import read_worker_config, serve_worker
+    from sidecar.workers.supervisor import read_worker_config, serve_worker
 
     config = read_worker_config(directory)
     logs.configure(config.log_level)
@@ -216,7 +218,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     logs.configure("warning")
-    from sidecar.demo import run_demo, until_signalled
+    from sidecar.demo.model import run_demo, until_signalled
 
     # Ctrl-C before until_signalled is in place surfaces as KeyboardInterrupt: nothing started yet.
     with contextlib.suppress(KeyboardInterrupt):
@@ -236,7 +238,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _demo_model(args: argparse.Namespace) -> int:
     logs.configure("info")
-    from sidecar.demo import serve_model, until_signalled
+    from sidecar.demo.model import serve_model, until_signalled
 
     with contextlib.suppress(KeyboardInterrupt):  # as in _demo
         asyncio.run(until_signalled(serve_model(args.host, args.port)))

@@ -18,9 +18,9 @@ import msgspec
 import msgspec.inspect
 import yaml
 
+from sidecar.drift.recorder import DriftSettings
 from sidecar.extract.presets import PRESETS
 from sidecar.extract.spec import MappingSpec
-from sidecar.recorders.drift import DriftSettings
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 

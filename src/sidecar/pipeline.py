@@ -15,14 +15,14 @@ from prometheus_client.registry import Collector
 
 from sidecar import __version__
 from sidecar.config import Config
+from sidecar.drift.profile import Profile, content_hash
+from sidecar.drift.recorder import DriftRecorder
 from sidecar.exchange import Exchange
 from sidecar.extract.batch import Merged
 from sidecar.extract.presets import PRESETS
 from sidecar.extract.types import Extraction, Message
+from sidecar.feedback.recorder import FeedbackRecorder
 from sidecar.logs import RateLimitedLog
-from sidecar.profile import Profile, content_hash
-from sidecar.recorders.drift import DriftRecorder
-from sidecar.recorders.feedback import FeedbackRecorder
 from sidecar.recorders.labels import OTHER, LabelCap, OverflowCounter
 from sidecar.recorders.llm import LlmRecorder
 from sidecar.recorders.outputs import OutputRecorder

@@ -73,7 +73,7 @@ class Table:
 
 def generated_table(seed: int) -> Table:
     """Iris-like rows from the demo model's generator (a fixed pool, replayed like a file)."""
-    from sidecar.demo import FEATURES, sample_rows  # the toy model's module pulls in aiohttp
+    from sidecar.demo.model import FEATURES, sample_rows  # the toy model's module pulls in aiohttp
 
     rows = sample_rows(random.Random(seed), GENERATED_ROWS)
     # The generator yields numpy floats; plain floats serialise (orjson) and print the same.

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from sidecar import profile as profiles
+from sidecar.drift import profile as profiles
 
 __all__ = ["register", "run"]
 

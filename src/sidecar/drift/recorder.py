@@ -29,10 +29,9 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from sidecar import profile as profiles
-from sidecar import sketches as sk
-from sidecar.extract.types import FeatureTable, Outputs
-from sidecar.recorders.drift_counts import (
+from sidecar.drift import profile as profiles
+from sidecar.drift import sketches as sk
+from sidecar.drift.counts import (
     FLOOR_ROWS,
     WINDOW_SLOTS,
     Counts,
@@ -46,6 +45,7 @@ from sidecar.recorders.drift_counts import (
     output_rows,
     table_raws,
 )
+from sidecar.extract.types import FeatureTable, Outputs
 
 __all__ = ["DriftRecorder", "DriftSettings"]
 

@@ -136,7 +136,7 @@ async def until_signalled(main: Coroutine[Any, Any, None]) -> None:
     """Run `main` until it returns, or until SIGTERM or SIGINT cancels it.
 
     Cancelling unwinds every `async with` in `main`: the sidecar drains and MLServer's process
-    group is stopped (sidecar.mlserver), so nothing the demo started outlives it. After a
+    group is stopped (sidecar.demo.mlserver), so nothing the demo started outlives it. After a
     signal this returns normally and the command exits 0, as `sidecar serve` does: being
     stopped is how a demo ends, and 128 + signal would tell a shell it died unhandled.
     """
@@ -179,7 +179,7 @@ async def run_demo(
 
     async with contextlib.AsyncExitStack() as stack:
         if mlserver is not None:
-            from sidecar.mlserver import run_mlserver, send_v2_traffic
+            from sidecar.demo.mlserver import run_mlserver, send_v2_traffic
 
             print("starting MLServer (trains the iris model first) ...", flush=True)
             server = await stack.enter_async_context(run_mlserver(mlserver, Path(".demo/mlserver")))

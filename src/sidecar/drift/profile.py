@@ -25,9 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from numpy.typing import NDArray
 
-from sidecar.files import write_atomically
-from sidecar.profile_io import READERS, Format, ProfileError, format_of, progress_bar
-from sidecar.sketches import (
+from sidecar.drift.sketches import (
     CDF_LEVELS,
     N_BINS,
     Float,
@@ -40,6 +38,8 @@ from sidecar.sketches import (
     numeric_labels,
     search_points,
 )
+from sidecar.drift.sources import READERS, Format, ProfileError, format_of, progress_bar
+from sidecar.files import write_atomically
 
 __all__ = [
     "CLASS",

@@ -33,7 +33,6 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from sidecar import mpfiles, snapshots
 from sidecar.admin import AdminServer, make_admin_app
 from sidecar.app import Sidecar, keep_running, make_probe, url_of, watch_config
 from sidecar.children import die_with_parent
@@ -43,6 +42,7 @@ from sidecar.logs import RateLimitedLog
 from sidecar.memory import freeze_startup
 from sidecar.proxy.pool import UpstreamHealth
 from sidecar.readiness import UpstreamProbe
+from sidecar.workers import mpfiles, snapshots
 
 log = logging.getLogger(__name__)
 
