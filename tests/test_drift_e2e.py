@@ -7,9 +7,10 @@ import random
 from pathlib import Path
 
 from sidecar.cli import main
-from sidecar.demo.model import FEATURES, sample_rows, send_traffic
+from sidecar.demo.model import FEATURES, sample_rows
+from sidecar.demo.run import send_traffic
 from sidecar.drift.profile import content_hash, load
-from sidecar.drift.recorder import DriftSettings
+from sidecar.drift.settings import DriftSettings
 from sidecar.extract.spec import MappingSpec
 from tests.conftest import StartSidecar, sample, scrape
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from sidecar.app import Sidecar
-from sidecar.config import FeedbackSettings
 from sidecar.demo.model import CLASSES
 from sidecar.extract.spec import MappingSpec
+from sidecar.feedback.settings import FeedbackSettings
 from tests.conftest import StartSidecar, sample, scrape, scrape_until
 
 CENTRES = np.array([[5.0, 3.4, 1.5, 0.2], [5.9, 2.8, 4.3, 1.3], [6.6, 3.0, 5.6, 2.0]])

@@ -16,9 +16,10 @@ import pytest
 from aiohttp import web
 
 from sidecar.app import Sidecar
-from sidecar.config import FeedbackSettings, RouteConfig
+from sidecar.config import RouteConfig
 from sidecar.demo.model import serve_app
 from sidecar.extract.spec import MappingSpec
+from sidecar.feedback.settings import FeedbackSettings
 from tests.conftest import StartSidecar, scrape, scrape_until
 from tests.test_feedback import (
     assert_matches_reference,

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from sidecar.config import FeedbackSettings
 from sidecar.extract.types import FeatureTable, Outputs
 from sidecar.feedback.log import PendingPrediction, PredictionLog, expand
 from sidecar.feedback.recorder import class_label, value_label
+from sidecar.feedback.settings import FeedbackSettings
 from sidecar.feedback.stats import classification_scores, window_name
 from sidecar.feedback.store import LoggedRow, PredictionStore
 from tests.test_feedback import reference_scores

@@ -9,7 +9,8 @@ import pytest
 from prometheus_client import Counter
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
-from sidecar.drift.recorder import DriftRecorder, DriftSettings
+from sidecar.drift.recorder import DriftRecorder
+from sidecar.drift.settings import DriftSettings
 from sidecar.workers import snapshots
 from sidecar.workers.snapshots import Family, LocalRegistry, Sample, SnapshotMerge, SnapshotWriter
 from tests.test_drift_recorder import reference, table

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.cli import main
 from sidecar.demo.model import FEATURES, sample_rows
 from sidecar.workers import mpfiles
-from sidecar.workers.supervisor import HEALTH_SOCKET, HealthInbox, HealthRelay
+from sidecar.workers.health import HEALTH_SOCKET, HealthInbox, HealthRelay
 from tests.conftest import CannedUpstream, free_port
 from tests.test_drift_e2e import write_reference
 from tests.test_readiness import restartable_upstream, until
