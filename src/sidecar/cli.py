@@ -21,6 +21,7 @@ from sidecar.demo import cli as demo_cli
 from sidecar.drift import cli as profile_cli
 from sidecar.drift.profile import ProfileError
 from sidecar.drift.profile import load as load_profile
+from sidecar.extract.presets import PRESETS
 from sidecar.loadtest import cli as loadtest_cli
 from sidecar.memory import freeze_startup, pin_mmap_threshold
 
@@ -33,7 +34,7 @@ SERVE_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("port", int, "proxy port: clients send model traffic here (default 8080; 0 = any free)"),
     ("metrics_host", str, "address of the admin port (default: same as --host)"),
     ("metrics_port", int, "admin port with /metrics, /healthz, /readyz (default 8081)"),
-    ("preset", str, "protocol preset: mlflow, kserve-v1, open-inference-v2, seldon-v1, torchserve"),
+    ("preset", str, "protocol preset: " + ", ".join(PRESETS)),
     ("model_name", str, "model_name label when the path does not carry one (default 'model')"),
     ("model_version", str, "model_version label (default 'unknown')"),
     ("upstream_timeout", float, "seconds to wait for upstream bytes before 504 (default 60)"),

@@ -41,7 +41,7 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     method: str = "*"
     preset: str | None = None
     mapping: MappingSpec | None = None
-    inject_usage: bool | None = None  # openai preset only; None: the top-level inject_usage
+    inject_usage: bool | None = None  # generative presets only; None: the top-level one
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
@@ -51,9 +51,9 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
             msg = f"method {self.method!r} is not one of {sorted(HTTP_METHODS)}"
             raise ValueError(msg)
         _check_preset(self.preset)
-        _check_openai(self.preset, self.mapping)
-        if self.inject_usage and self.preset != "openai":
-            msg = "inject_usage applies to routes with preset openai only"
+        _check_generative_mapping(self.preset, self.mapping)
+        if self.inject_usage and not _generative(self.preset):
+            msg = f"inject_usage applies to routes with preset {_GENERATIVE} only"
             raise ValueError(msg)
 
 
@@ -104,9 +104,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     def __post_init__(self) -> None:
         _check_upstream(self.upstream)
         _check_preset(self.preset)
-        _check_openai(self.preset, self.mapping)
-        if self.inject_usage and "openai" not in {self.preset, *(r.preset for r in self.routes)}:
-            msg = "inject_usage is set, but no route uses the openai preset"
+        _check_generative_mapping(self.preset, self.mapping)
+        presets = (self.preset, *(route.preset for route in self.routes))
+        if self.inject_usage and not any(map(_generative, presets)):
+            msg = f"inject_usage is set, but no route uses the {_GENERATIVE} preset"
             raise ValueError(msg)
         for key in ("port", "metrics_port"):
             value = getattr(self, key)
@@ -172,13 +173,21 @@ def _check_preset(preset: str | None) -> None:
         raise ValueError(msg)
 
 
-def _check_openai(preset: str | None, mapping: MappingSpec | None) -> None:
-    """The openai preset reads its payloads itself: a mapping may only name request fields."""
-    if preset != "openai" or mapping is None:
+# The generative presets' names, for messages: "openai", or "a or b".
+_GENERATIVE = " or ".join(sorted(name for name, preset in PRESETS.items() if preset.generative))
+
+
+def _generative(preset: str | None) -> bool:
+    return preset is not None and preset in PRESETS and PRESETS[preset].generative
+
+
+def _check_generative_mapping(preset: str | None, mapping: MappingSpec | None) -> None:
+    """A generative preset reads its payloads itself: a mapping may only name request fields."""
+    if not _generative(preset) or mapping is None:
         return
     if mapping.expressions() or mapping.class_names is not None:
         msg = (
-            "the openai preset takes only feature_names from mapping (the request fields to "
+            f"the {preset} preset takes only feature_names from mapping (the request fields to "
             "record as features, e.g. [model, temperature])"
         )
         raise ValueError(msg)

@@ -138,7 +138,8 @@ _FLAGS: Final[tuple[tuple[tuple[str, ...], dict[str, Any]], ...]] = (
     (("--requests",), {"type": _positive(int, "requests"), "metavar": "N",
                        "help": "requests per target (with --duration: whichever ends first)"}),
     (("--preset",), {"choices": sorted(SHAPES), "default": "kserve-v1",
-                     "help": "protocol: decides the path and body shape (default kserve-v1)"}),
+                     "help": "protocol: decides the path (the preset's first route) and body "
+                     "shape (default kserve-v1); the presets that carry rows of features"}),
     (("--data",), {"type": Path, "metavar": "FILE",
                    "help": "rows to replay: .csv with a header, or .jsonl objects (default: "
                    "generated iris rows)"}),

@@ -305,4 +305,5 @@ PRESET = Preset(
     ),
     health_path="/v1/models",
     make_plan=make_plan,
+    generative=True,
 )
