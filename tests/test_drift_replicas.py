@@ -3,7 +3,7 @@ sidecar fed the whole stream (issue #4).
 
 Three sidecars share one reference profile: A gets the first half of a deterministic stream, B the
 second half, C all of it. A real Prometheus scrapes them with a `fleet` target label and evaluates
-deploy/prometheus/drift_rules.yml as shipped. The rules aggregate `without (instance, pod)`, so
+deploy/prometheus/rules/drift_rules.yml as shipped. The rules aggregate `without (instance, pod)`, so
 the label keeps fleets apart: A and B merge into fleet "ab", C is fleet "c"; A and B are also
 scraped alone, as fleets "a" and "b".
 
@@ -181,7 +181,7 @@ def fleets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
         }
         admin = {name: u["admin"] for name, u in urls.items()}
         config = write_prometheus_config(
-            tmp, [PROMETHEUS_DIR / "drift_rules.yml"], scrape_fleets(admin)
+            tmp, [PROMETHEUS_DIR / "rules" / "drift_rules.yml"], scrape_fleets(admin)
         )
         prometheus = start_prometheus(tmp, config, processes)
         feed(prometheus, {name: u["proxy"] for name, u in urls.items()})

@@ -15,7 +15,7 @@ import yaml
 from sidecar.drift import sketches as sk
 
 ROOT = Path(__file__).resolve().parents[1]
-RULES = ROOT / "deploy" / "prometheus" / "drift_rules.yml"
+RULES = ROOT / "deploy" / "prometheus" / "rules" / "drift_rules.yml"
 UNIT_TESTS = ROOT / "deploy" / "prometheus" / "tests" / "drift_rules_test.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "drift.json"
 
