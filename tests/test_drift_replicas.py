@@ -2,10 +2,10 @@
 sidecar fed the whole stream (issue #4).
 
 Three sidecars share one reference profile: A gets the first half of a deterministic stream, B the
-second half, C all of it. A real Prometheus scrapes them with a `fleet` target label and evaluates
-deploy/prometheus/rules/drift_rules.yml as shipped. The rules aggregate `without (instance, pod)`, so
-the label keeps fleets apart: A and B merge into fleet "ab", C is fleet "c"; A and B are also
-scraped alone, as fleets "a" and "b".
+second half, C all of it. A real Prometheus scrapes them with a `fleet` target label and
+evaluates deploy/prometheus/rules/drift_rules.yml as shipped. The rules aggregate
+`without (instance, pod)`, so the label keeps fleets apart: A and B merge into fleet "ab", C is
+fleet "c"; A and B are also scraped alone, as fleets "a" and "b".
 
 What is exact, and what is not:
 
