@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 
 import msgspec
 import msgspec.inspect
-import yaml
 
 from sidecar.drift.settings import DriftSettings
 from sidecar.extract.presets import PRESETS
@@ -252,6 +251,8 @@ def _read_file(path: Path) -> dict[str, Any]:
     except OSError as exc:
         msg = f"cannot read config file {path}: {exc.strerror or exc}"
         raise ConfigError(msg) from exc
+    import yaml  # here: PyYAML stays out of a process started without a file (~1 MB)
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
