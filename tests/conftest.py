@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import json
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+import sys
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.app import Sidecar
 from sidecar.config import Config
-from sidecar.demo import make_model_app, serve_app
+from sidecar.demo.model import make_model_app, serve_app
 from tests.bare_response import BareResponse
 
 BIG = 20 * 1024 * 1024
@@ -34,7 +37,8 @@ def payload_bytes(size: int) -> bytes:
 
 @dataclass
 class CannedUpstream:
-    """A real HTTP server with scripted answers. `seen` holds every request it received."""
+    """A real HTTP server with scripted answers. `seen` holds every request it received, once
+    read whole; `arrived[path]` is set as soon as the head of a request for `path` is here."""
 
     url: str = ""
     seen: list[dict[str, Any]] = field(default_factory=list)
@@ -44,9 +48,18 @@ class CannedUpstream:
     healthy: bool = True
     connections: set[tuple[str, int]] = field(default_factory=set)
     stream_abandoned: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: defaultdict[str, asyncio.Event] = field(
+        default_factory=lambda: defaultdict(asyncio.Event)
+    )
+
+    async def head_of(self, path: str) -> None:
+        """Return once a request for `path` has reached this upstream, its body still to come
+        (bounded: a test fails rather than hangs)."""
+        await asyncio.wait_for(self.arrived[path].wait(), timeout=10)
 
 
 async def _canned_handler(upstream: CannedUpstream, request: web.BaseRequest) -> web.StreamResponse:
+    upstream.arrived[request.path].set()
     body = await request.content.read()  # no size cap: this upstream takes 20 MB bodies
     upstream.seen.append(
         {
@@ -235,8 +248,11 @@ async def scrape_until(sidecar: Sidecar, check: Callable[[str], bool]) -> str:
 
 
 async def settled(sidecar: Sidecar, name: str, expected: float, **labels: str) -> str:
-    """Scrape until one sample reaches its expected value."""
-    return await scrape_until(sidecar, lambda text: sample(text, name, **labels) == expected)
+    """Scrape until one sample reaches its expected value, and return that scrape. Fails (after
+    about 20 s) showing what the last scrape held of the metric, if it never does."""
+    text = await scrape_until(sidecar, lambda text: sample(text, name, **labels) == expected)
+    assert_sample(text, name, expected, **labels)
+    return text
 
 
 def sample(text: str, name: str, **labels: str) -> float | None:
@@ -248,11 +264,157 @@ def sample(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
+def assert_sample(text: str, name: str, expected: float | None, **labels: str) -> None:
+    """Assert that one sample has the expected value (None: that there is no such sample). On
+    failure the message lists the samples of `name` the scrape did hold, so that a renamed label
+    value or a count off by one shows at once."""
+    found = sample(text, name, **labels)
+    if found == expected:
+        return
+    selector = f"{name}{{{_labels_text(labels)}}}"
+    held = [
+        f"  {metric.name}{{{_labels_text(metric.labels)}}} {metric.value}"
+        for family in text_string_to_metric_families(text)
+        for metric in family.samples
+        if metric.name == name
+    ]
+    scrape_held = "\n".join(held) if held else f"  no {name} sample at all"
+    msg = f"{selector} is {found}, expected {expected}; the scrape held:\n{scrape_held}"
+    raise AssertionError(msg)
+
+
+def _labels_text(labels: dict[str, str]) -> str:
+    return ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+
+
+@pytest.fixture
+def refusing_url() -> Iterator[str]:
+    """An upstream URL where connections are refused: its port is bound here and never listened
+    on, so nothing else can take it while the test runs."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@contextlib.contextmanager
+def reserved_port() -> Iterator[int]:
+    """A port for `sidecar serve --workers N`, which cannot take port 0 (each worker would get a
+    port of its own). The port is held here, bound with SO_REUSEPORT and not listening, until the
+    block ends: the workers (which set SO_REUSEPORT too) can bind it, nothing else can, and no
+    connection comes to this socket."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
+
+
 def free_port() -> int:
-    """A port with nothing listening on it, for 'upstream unreachable'."""
+    """A port nothing listens on now, for a process that takes only a port number (Prometheus).
+    Another process may take it before that one binds it: the caller retries. A sidecar takes
+    port 0 and logs where it listens (`ServeProcess`); an unreachable upstream is
+    `refusing_url`, a port for workers `reserved_port()`."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+LOG_DEADLINE = 30.0  # seconds a child process gets to log what a test waits for, or to exit
+
+
+@dataclass
+class ServeProcess:
+    """`python -m sidecar serve` as a child process. Its stderr (JSON lines) is read as it comes
+    into `lines`, so that the pipe never fills, and tests can wait for a line."""
+
+    process: asyncio.subprocess.Process
+    lines: list[dict[str, Any]] = field(default_factory=list)
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _ended: bool = False
+    _reader: asyncio.Task[None] = field(init=False)
+
+    @classmethod
+    async def start(cls, *args: str, env: dict[str, str] | None = None) -> ServeProcess:
+        """Start `python -m sidecar serve ARGS`. Give it `--port 0 --metrics-port 0` and read
+        the ports it bound from its "serving" line: `await served.ports()`."""
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "sidecar", "serve", *args),
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        served = cls(process)
+        served._reader = asyncio.create_task(served._read())
+        return served
+
+    async def _read(self) -> None:
+        assert self.process.stderr is not None
+        async for raw in self.process.stderr:
+            text = raw.decode(errors="replace").rstrip("\n")
+            try:
+                line = json.loads(text)
+            except ValueError:
+                line = None
+            if not isinstance(line, dict):  # a traceback, a warning: kept, without a msg
+                line = {"msg": None, "text": text}
+            print(text, file=sys.stderr)  # pytest shows it when the test fails
+            async with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        async with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    async def logged(self, message: str) -> dict[str, Any]:
+        """The first line logged with this `msg`, once there is one. Fails, showing what the
+        process logged, if it exits first or LOG_DEADLINE passes."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LOG_DEADLINE), self._changed:
+                while not self._ended:
+                    for line in self.lines:
+                        if line.get("msg") == message:
+                            return line
+                    await self._changed.wait()
+        for line in self.lines:  # it may have come with the end
+            if line.get("msg") == message:
+                return line
+        logged = "\n".join(json.dumps(line) for line in self.lines[-20:])
+        pytest.fail(f"no {message!r} in the log (exit code {self.process.returncode}):\n{logged}")
+
+    async def port(self, message: str, key: str) -> int:
+        """The port of the URL under `key` in the first `message` line, such as the admin port
+        in a supervisor's "supervising"."""
+        url = str((await self.logged(message))[key])
+        return int(url.rsplit(":", 1)[1])
+
+    async def ports(self) -> tuple[int, int]:
+        """The proxy and admin ports, from the "serving" line (logged once both listen)."""
+        return await self.port("serving", "proxy"), await self.port("serving", "admin")
+
+    async def exited(self) -> tuple[int, list[dict[str, Any]]]:
+        """Wait (up to LOG_DEADLINE) for the exit: (exit code, every line it logged)."""
+        async with asyncio.timeout(LOG_DEADLINE):
+            code = await self.process.wait()
+            await self._reader
+        return code, self.lines
+
+
+StartServe = Callable[..., Awaitable[ServeProcess]]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[StartServe]:
+    """Start `python -m sidecar serve ARGS` processes (`env=` optional); any still running at
+    the end of the test is killed."""
+    started: list[ServeProcess] = []
+
+    async def start(*args: str, env: dict[str, str] | None = None) -> ServeProcess:
+        started.append(await ServeProcess.start(*args, env=env))
+        return started[-1]
+
+    yield start
+    for served in started:
+        if served.process.returncode is None:
+            served.process.kill()
+        await served.exited()
 
 
 def dumps(value: Any) -> bytes:

@@ -34,11 +34,11 @@ DEADLINE = 90.0  # seconds to wait for a process to come up or a query to return
 
 T = TypeVar("T")
 
-# The toy model server (sidecar.demo) on an ephemeral port, which it prints once listening.
+# The toy model server (sidecar.demo.model) on an ephemeral port, which it prints once listening.
 MODEL_SERVER = """
 import asyncio
 from aiohttp import web
-from sidecar.demo import make_model_app
+from sidecar.demo.model import make_model_app
 
 async def main():
     runner = web.AppRunner(make_model_app(), access_log=None)

@@ -22,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.app import Sidecar
-from sidecar.demo import CLASSES
+from sidecar.demo.model import CLASSES
 from sidecar.extract import sliced
 from sidecar.extract.spec import MappingSpec
 from sidecar.pipeline import LARGE_BODY_BYTES

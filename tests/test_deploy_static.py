@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -31,6 +32,7 @@ GRAFANA = DEPLOY / "grafana"
 KUBERNETES = DEPLOY / "kubernetes"
 DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
 OVERLAYS = sorted(p.parent for p in (KUBERNETES / "overlays").glob("*/kustomization.yaml"))
+GENERATOR = ROOT / "scripts" / "generate_prometheusrule.py"
 
 PROXY_PORT, ADMIN_PORT, MODEL_PORT = 8080, 8081, 9000
 
@@ -197,7 +199,7 @@ def kubernetes_docs(directory: Path) -> list[dict[str, Any]]:
 
 
 def load_generator() -> ModuleType:
-    path = KUBERNETES / "generate_prometheusrule.py"
+    path = GENERATOR
     spec = importlib.util.spec_from_file_location("generate_prometheusrule", path)
     assert spec is not None
     assert spec.loader is not None
@@ -389,7 +391,11 @@ def test_compose_sidecar_flags_are_ones_the_sidecar_accepts() -> None:
     """`sidecar serve` parses the compose service's flags, and with the config file they mount
     they make a valid config that listens on the default ports."""
     args = build_parser().parse_args(["serve", *sidecar_flags()])
-    keys = {k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None}
+    keys = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("command", "config", "handler") and v is not None
+    }
     config_file = None
     if args.config:
         for volume in compose()["services"]["sidecar"]["volumes"]:
@@ -406,7 +412,7 @@ def test_compose_traffic_generator_calls_the_demo_as_it_is() -> None:
     """The traffic service's inline script compiles and calls send_traffic with arguments it has."""
     import inspect
 
-    from sidecar.demo import send_traffic
+    from sidecar.demo.run import send_traffic
 
     script = compose()["services"]["traffic"]["command"][0]
     compile(script, "traffic", "exec")
@@ -496,6 +502,19 @@ def test_prometheusrule_is_what_the_generator_writes() -> None:
     """base/prometheusrule.yaml is exactly the generator's output from today's rule files."""
     expected = load_generator().render()
     assert (KUBERNETES / "base" / "prometheusrule.yaml").read_text(encoding="utf-8") == expected
+
+
+def test_generator_check_runs_from_any_directory(tmp_path: Path) -> None:
+    """`scripts/generate_prometheusrule.py --check`, run as a script from elsewhere, finds the rule
+    files and the manifest by its own location and reports the manifest up to date."""
+    result = subprocess.run(
+        [sys.executable, str(GENERATOR), "--check"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
 
 
 def test_prometheusrule_holds_every_rule_group() -> None:

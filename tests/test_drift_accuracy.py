@@ -12,9 +12,11 @@ from prometheus_client import CollectorRegistry
 from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
-from sidecar import profile as profiles
+from sidecar.drift import profile as profiles
+from sidecar.drift import summary
+from sidecar.drift.recorder import DriftRecorder
+from sidecar.drift.settings import DriftSettings
 from sidecar.extract.types import FeatureTable
-from sidecar.recorders.drift import DriftRecorder, DriftSettings
 
 MODEL = {"model_name": "m", "model_version": "1"}
 
@@ -23,14 +25,14 @@ def build(
     numeric: Mapping[str, np.ndarray], categorical: Mapping[str, np.ndarray] | None = None
 ) -> profiles.Profile:
     rows = len(next(iter(numeric.values())))
-    columns: dict[str, profiles.Column] = {
-        name: profiles.NumericColumn(values, np.zeros(rows, bool))
+    columns: dict[str, summary.Column] = {
+        name: summary.NumericColumn(values, np.zeros(rows, bool))
         for name, values in numeric.items()
     }
     for name, labels in (categorical or {}).items():
-        columns[name] = profiles.CategoricalColumn(labels.astype(str), np.zeros(rows, bool))
+        columns[name] = summary.CategoricalColumn(labels.astype(str), np.zeros(rows, bool))
     features = [(n, "numeric") for n in numeric] + [(n, "categorical") for n in categorical or {}]
-    return profiles.build_from_batches(lambda: [(rows, columns)], features)  # type: ignore[arg-type]
+    return summary.build_from_batches(lambda: [(rows, columns)], features)  # type: ignore[arg-type]
 
 
 def numeric_table(

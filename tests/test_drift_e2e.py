@@ -6,12 +6,15 @@ import csv
 import random
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from sidecar.cli import main
-from sidecar.demo import FEATURES, sample_rows, send_traffic
+from sidecar.demo.model import FEATURES, sample_rows
+from sidecar.demo.run import send_traffic
+from sidecar.drift.profile import content_hash, load
+from sidecar.drift.settings import DriftSettings
 from sidecar.extract.spec import MappingSpec
-from sidecar.profile import content_hash, load
-from sidecar.recorders.drift import DriftSettings
-from tests.conftest import StartSidecar, sample, scrape
+from tests.conftest import StartSidecar, assert_sample, sample, scrape
 
 
 def write_reference(path: Path, rows: int) -> None:
@@ -40,13 +43,34 @@ async def test_shifted_feature_is_flagged_and_others_are_not(
     )
     text = await scrape(sidecar)
     labels = {"model_name": "iris", "feature": "sepal_length"}
-    assert sample(text, "ml_drift_bin_total", bin="b00", **labels) == 0  # exists before traffic
+    assert_sample(text, "ml_drift_bin_total", 0, bin="b00", **labels)  # exists before traffic
     assert sample(text, "ml_model_info", reference_profile=content_hash(load(profile_path))) == 1
 
     await send_traffic(sidecar.proxy_url, 150, batch=8, seed=2, shift=1.0)
     text = await scrape(sidecar)
-    assert sample(text, "ml_drift_window_count", **labels) == 1200
+    assert_sample(text, "ml_drift_window_count", 1200, **labels)
     assert (sample(text, "ml_drift_status", **labels) or 0) >= 1
     for steady in ("sepal_width", "petal_length", "petal_width"):
-        assert sample(text, "ml_drift_status", model_name="iris", feature=steady) == 0
+        assert_sample(text, "ml_drift_status", 0, model_name="iris", feature=steady)
     assert (sample(text, "ml_drift_score", stat="psi", **labels) or 0) > 0.25
+    for stat in ("ks", "js", "wasserstein"):  # what the drift dashboard plots beside PSI
+        assert (sample(text, "ml_drift_score", stat=stat, **labels) or 0) > 0, stat
+    # The fleet-wide KS rules (deploy/prometheus/rules/drift_rules.yml) read these buckets by name.
+    assert pit_bounds(text, **labels) == [*PIT_RULE_BOUNDS, "1.0", "+Inf"]
+
+
+PIT_RULE_BOUNDS = [
+    "0.05", "0.1", "0.15", "0.2", "0.25", "0.3", "0.35", "0.4", "0.45", "0.5",
+    "0.55", "0.6", "0.65", "0.7", "0.75", "0.8", "0.85", "0.9", "0.95",
+]  # fmt: skip
+
+
+def pit_bounds(text: str, **labels: str) -> list[str]:
+    """The `le` of every ml_drift_pit_bucket sample with these labels, in exposition order."""
+    return [
+        metric.labels["le"]
+        for family in text_string_to_metric_families(text)
+        for metric in family.samples
+        if metric.name == "ml_drift_pit_bucket"
+        and all(metric.labels.get(k) == v for k, v in labels.items())
+    ]

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from sidecar import profile as profiles
+from sidecar.drift import profile as profiles
+from sidecar.drift import summary
+from sidecar.drift.recorder import DriftRecorder
+from sidecar.drift.settings import DriftSettings
 from sidecar.extract.types import FeatureTable, Outputs
-from sidecar.recorders.drift import DriftRecorder, DriftSettings
 
 MODEL = {"model_name": "iris", "model_version": "1"}
 
@@ -25,26 +27,26 @@ def reference(
     outputs: Mapping[str, np.ndarray | Sequence[str]] | None = None,
 ) -> profiles.Profile:
     """A profile built in memory from complete columns (no missing values)."""
-    columns: dict[str, profiles.Column] = {}
+    columns: dict[str, summary.Column] = {}
     for name, values in (numeric or {}).items():
-        columns[name] = profiles.NumericColumn(
+        columns[name] = summary.NumericColumn(
             np.asarray(values, float), np.zeros(len(values), bool)
         )
     rows = len(next(iter({**(numeric or {}), **(categorical or {})}.values())))
     for name, labels in (categorical or {}).items():
-        columns[name] = profiles.CategoricalColumn(np.array(labels, str), np.zeros(rows, bool))
+        columns[name] = summary.CategoricalColumn(np.array(labels, str), np.zeros(rows, bool))
     for name, output in (outputs or {}).items():
         kind = profiles.OUTPUT_KINDS[name]
         columns[name] = (
-            profiles.NumericColumn(np.asarray(output, float), np.zeros(rows, bool))
+            summary.NumericColumn(np.asarray(output, float), np.zeros(rows, bool))
             if kind == "numeric"
-            else profiles.CategoricalColumn(np.array(output, str), np.zeros(rows, bool))
+            else summary.CategoricalColumn(np.array(output, str), np.zeros(rows, bool))
         )
     features = [(n, "numeric") for n in numeric or {}] + [
         (n, "categorical") for n in categorical or {}
     ]
     outs = [(n, profiles.OUTPUT_KINDS[n]) for n in outputs or {}]
-    return profiles.build_from_batches(lambda: [(rows, columns)], features, outs)  # type: ignore[arg-type]
+    return summary.build_from_batches(lambda: [(rows, columns)], features, outs)  # type: ignore[arg-type]
 
 
 def table(columns: Mapping[str, Sequence[Any]]) -> FeatureTable:
@@ -129,8 +131,8 @@ def test_numeric_values_land_in_their_bins():
 
 def test_a_feature_the_reference_never_saw_a_number_for_still_counts():
     """An all-missing reference column has no bins: numbers count as below, no score breaks."""
-    profile = profiles.build_from_batches(
-        lambda: [(3, {"x": profiles.NumericColumn(np.full(3, np.nan), np.ones(3, bool))})],
+    profile = summary.build_from_batches(
+        lambda: [(3, {"x": summary.NumericColumn(np.full(3, np.nan), np.ones(3, bool))})],
         [("x", "numeric")],
     )
     rec, registry = recorder(profile)

@@ -2,10 +2,10 @@
 sidecar fed the whole stream (issue #4).
 
 Three sidecars share one reference profile: A gets the first half of a deterministic stream, B the
-second half, C all of it. A real Prometheus scrapes them with a `fleet` target label and evaluates
-deploy/prometheus/drift_rules.yml as shipped. The rules aggregate `without (instance, pod)`, so
-the label keeps fleets apart: A and B merge into fleet "ab", C is fleet "c"; A and B are also
-scraped alone, as fleets "a" and "b".
+second half, C all of it. A real Prometheus scrapes them with a `fleet` target label and
+evaluates deploy/prometheus/rules/drift_rules.yml as shipped. The rules aggregate
+`without (instance, pod)`, so the label keeps fleets apart: A and B merge into fleet "ab", C is
+fleet "c"; A and B are also scraped alone, as fleets "a" and "b".
 
 What is exact, and what is not:
 
@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sidecar.demo import CLASSES, FEATURES, predict_proba, sample_rows
+from sidecar.demo.model import CLASSES, FEATURES, predict_proba, sample_rows
 from tests.prometheus_stack import (
     PROMETHEUS_DIR,
     Prometheus,
@@ -181,7 +181,7 @@ def fleets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
         }
         admin = {name: u["admin"] for name, u in urls.items()}
         config = write_prometheus_config(
-            tmp, [PROMETHEUS_DIR / "drift_rules.yml"], scrape_fleets(admin)
+            tmp, [PROMETHEUS_DIR / "rules" / "drift_rules.yml"], scrape_fleets(admin)
         )
         prometheus = start_prometheus(tmp, config, processes)
         feed(prometheus, {name: u["proxy"] for name, u in urls.items()})

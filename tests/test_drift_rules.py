@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import yaml
 
-from sidecar import sketches as sk
+from sidecar.drift import sketches as sk
 
 ROOT = Path(__file__).resolve().parents[1]
-RULES = ROOT / "deploy" / "prometheus" / "drift_rules.yml"
+RULES = ROOT / "deploy" / "prometheus" / "rules" / "drift_rules.yml"
 UNIT_TESTS = ROOT / "deploy" / "prometheus" / "tests" / "drift_rules_test.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "drift.json"
 
@@ -43,7 +43,7 @@ def test_drift_rules_compute_the_hand_worked_example():
 
 
 def test_unit_test_expectations_are_the_sidecars_own_arithmetic():
-    """The numbers the promtool test expects are what sidecar.sketches computes in process."""
+    """The numbers the promtool test expects are what sidecar.drift.sketches computes in process."""
     expected = {
         match.group(1): float(match.group(2))
         for match in re.finditer(

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from sidecar.app import Sidecar
-from sidecar.config import FeedbackSettings
-from sidecar.demo import CLASSES
+from sidecar.demo.model import CLASSES
 from sidecar.extract.spec import MappingSpec
-from tests.conftest import StartSidecar, sample, scrape, scrape_until
+from sidecar.feedback.settings import FeedbackSettings
+from tests.conftest import StartSidecar, assert_sample, sample, scrape, scrape_until
 
 CENTRES = np.array([[5.0, 3.4, 1.5, 0.2], [5.9, 2.8, 4.3, 1.3], [6.6, 3.0, 5.6, 2.0]])
 
@@ -201,11 +201,15 @@ async def test_labels_for_10000_predictions_give_the_reference_figures(
         sidecar, lambda t: value(t, "ml_labelled_rows", window="20000_rows") == 10_000
     )
     assert_matches_reference(text, names, guessed, "20000_rows")
-    assert value(text, "ml_feedback_total", model_name="iris", result="matched") == 10_000
+    assert_sample(text, "ml_feedback_total", 10_000, model_name="iris", result="matched")
     matrix = Counter(zip(names, guessed, strict=True))
     for (label, guess), count in matrix.items():
-        cell = {"class": label, "predicted": guess, "correct": str(label == guess).lower()}
-        assert value(text, "ml_labelled_total", model_name="iris", **cell) == count
+        cell = {
+            "class": label,
+            "predicted": guess,
+            "correct": "true" if label == guess else "false",
+        }
+        assert_sample(text, "ml_labelled_total", count, model_name="iris", **cell)
     assert 0.5 < value(text, "ml_accuracy", window="20000_rows") < 1.0  # the model errs
 
 
@@ -259,7 +263,7 @@ async def test_row_bound_evicts_the_oldest_and_counts_them(
     status, newest = await post_feedback(sidecar, items[50:])
     assert (status, newest["unmatched"], newest["matched"]) == (200, 0, 100)
     text = await scrape(sidecar)
-    assert value(text, "ml_feedback_total", model_name="iris", result="unmatched") == 50
+    assert_sample(text, "ml_feedback_total", 50, model_name="iris", result="unmatched")
 
 
 async def test_duplicate_labels_replace_the_earlier_ones(
@@ -289,6 +293,8 @@ async def test_duplicate_labels_replace_the_earlier_ones(
         ),
     )
     assert_matches_reference(text, names, guessed, "20000_rows")
+    assert_sample(text, "ml_feedback_total", 300, model_name="iris", result="matched")
+    assert_sample(text, "ml_feedback_total", 300, model_name="iris", result="duplicate")
     matrix = Counter(zip(names, guessed, strict=True))
     for label in CLASSES:
         for guess in CLASSES:

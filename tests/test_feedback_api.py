@@ -10,8 +10,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sidecar.config import FeedbackSettings, load
-from sidecar.recorders.feedback import MAX_ITEMS
+from sidecar.config import load
+from sidecar.feedback.recorder import MAX_ITEMS
+from sidecar.feedback.settings import FeedbackSettings
 from tests.conftest import StartSidecar, scrape, scrape_until
 from tests.test_feedback import (
     iris_rows,

@@ -16,9 +16,10 @@ import pytest
 from aiohttp import web
 
 from sidecar.app import Sidecar
-from sidecar.config import FeedbackSettings, RouteConfig
-from sidecar.demo import serve_app
+from sidecar.config import RouteConfig
+from sidecar.demo.model import serve_app
 from sidecar.extract.spec import MappingSpec
+from sidecar.feedback.settings import FeedbackSettings
 from tests.conftest import StartSidecar, scrape, scrape_until
 from tests.test_feedback import (
     assert_matches_reference,
@@ -183,11 +184,15 @@ async def test_regression_mae_and_rmse_overall_and_per_segment(
         window = {"window": f"{ROWS}_rows", "segment": segment}
         assert value(text, "ml_mae", **window) == pytest.approx(mae, rel=1e-9)
         assert value(text, "ml_rmse", **window) == pytest.approx(rmse, rel=1e-9)
-    absolute = sum(
-        value(text, "ml_regression_labelled_total", segment=r, stat="absolute_error")
-        for r in REGIONS
-    )
-    assert absolute == pytest.approx(float(np.abs(errors).sum()), rel=1e-9)
+
+    def summed(stat: str) -> float:
+        return sum(
+            value(text, "ml_regression_labelled_total", segment=r, stat=stat) for r in REGIONS
+        )
+
+    assert summed("rows") == 2_000
+    assert summed("absolute_error") == pytest.approx(float(np.abs(errors).sum()), rel=1e-9)
+    assert summed("squared_error") == pytest.approx(float((errors**2).sum()), rel=1e-9)
     assert "ml_accuracy{" not in text  # a regression has no classification figures
 
 

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from sidecar.config import FeedbackSettings
 from sidecar.extract.types import FeatureTable, Outputs
-from sidecar.recorders.feedback import class_label, value_label
-from sidecar.recorders.labelstats import classification_scores, window_name
-from sidecar.recorders.predlog import PendingPrediction, PredictionLog, expand
-from sidecar.recorders.predstore import LoggedRow, PredictionStore
+from sidecar.feedback.log import PendingPrediction, PredictionLog, expand
+from sidecar.feedback.recorder import class_label, value_label
+from sidecar.feedback.settings import FeedbackSettings
+from sidecar.feedback.stats import classification_scores, window_name
+from sidecar.feedback.store import LoggedRow, PredictionStore
 from tests.test_feedback import reference_scores
 
 

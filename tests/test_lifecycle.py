@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import CannedUpstream, free_port, sample, scrape
+from tests.conftest import CannedUpstream, ServeProcess, StartServe, assert_sample, scrape
 
 
 async def test_admin_endpoints(client, canned_upstream, sidecar):
@@ -48,12 +47,12 @@ async def test_readiness_follows_upstream(client, canned_upstream: CannedUpstrea
         await asyncio.sleep(0.02)
     else:
         pytest.fail("readiness never turned 503")
-    assert sample(await scrape(sidecar), "sidecar_upstream_up") == 0
+    assert_sample(await scrape(sidecar), "sidecar_upstream_up", 0)
 
 
-async def test_unreachable_upstream_is_not_ready(client, start_sidecar):
+async def test_unreachable_upstream_is_not_ready(client, start_sidecar, refusing_url):
     """With nothing listening upstream, /readyz says so."""
-    sidecar = await start_sidecar(f"http://127.0.0.1:{free_port()}", health_path="/ping")
+    sidecar = await start_sidecar(refusing_url, health_path="/ping")
     async with client.get(sidecar.admin_url + "/readyz") as response:
         assert response.status == 503
         assert "unreachable" in (await response.json())["reason"]
@@ -74,52 +73,36 @@ async def test_red_metrics_after_traffic(client, canned_upstream, sidecar):
             await response.read()
     text = await scrape(sidecar)
     labels = {"model_name": "model", "model_version": "unknown", "route": "other"}
-    assert sample(text, "ml_requests_total", method="POST", code="200", **labels) == 3
-    assert sample(text, "ml_request_duration_seconds_count", **labels) == 3
-    assert sample(text, "ml_upstream_duration_seconds_count", **labels) == 3
-    assert sample(text, "ml_request_size_bytes_sum", **labels) == 15
-    assert sample(text, "ml_response_size_bytes_sum", **labels) == 15
-    assert sample(text, "sidecar_overhead_seconds_count") == 3
-    assert sample(text, "ml_requests_in_progress") == 0
+    assert_sample(text, "ml_requests_total", 3, method="POST", code="200", **labels)
+    assert_sample(text, "ml_request_duration_seconds_count", 3, **labels)
+    assert_sample(text, "ml_upstream_duration_seconds_count", 3, **labels)
+    assert_sample(text, "ml_request_size_bytes_sum", 15, **labels)
+    assert_sample(text, "ml_response_size_bytes_sum", 15, **labels)
+    assert_sample(text, "sidecar_overhead_seconds_count", 3)
+    assert_sample(text, "ml_requests_in_progress", 0)
     assert "/echo/abc" not in text
 
 
-async def _start_process(upstream: str, *extra: str) -> tuple[asyncio.subprocess.Process, int, int]:
-    port, metrics_port = free_port(), free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sidecar",
-        "serve",
-        "--upstream",
-        upstream,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--metrics-port",
-        str(metrics_port),
+async def _start_process(
+    serve: StartServe, upstream: str, *extra: str
+) -> tuple[ServeProcess, int, int]:
+    """`sidecar serve` on ports it picks (0), read back from its "serving" line: (the process,
+    proxy port, admin port)."""
+    served = await serve(
+        *("--upstream", upstream, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"),
         *extra,
-        stderr=asyncio.subprocess.PIPE,
     )
-    async with aiohttp.ClientSession() as session:
-        for _ in range(300):
-            try:
-                async with session.get(f"http://127.0.0.1:{metrics_port}/healthz") as response:
-                    if response.status == 200:
-                        return process, port, metrics_port
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.05)
-    process.kill()
-    pytest.fail("sidecar did not start")
+    return (served, *await served.ports())
 
 
-async def test_sigterm_keeps_serving_with_readyz_failing_for_the_shutdown_delay(canned_upstream):
+async def test_sigterm_keeps_serving_with_readyz_failing_for_the_shutdown_delay(
+    canned_upstream, serve
+):
     """Kubernetes drops a pod's endpoints as it sends SIGTERM, and load balancers follow a few
     seconds later: for shutdown_delay (5 s by default) /readyz says 503 while new connections
     are still answered, then the sidecar exits 0."""
-    process, port, metrics_port = await _start_process(canned_upstream.url)
-    process.send_signal(signal.SIGTERM)
+    served, port, metrics_port = await _start_process(serve, canned_upstream.url)
+    served.process.send_signal(signal.SIGTERM)
     async with aiohttp.ClientSession() as session:
         for _ in range(200):
             async with session.get(f"http://127.0.0.1:{metrics_port}/readyz") as response:
@@ -133,39 +116,37 @@ async def test_sigterm_keeps_serving_with_readyz_failing_for_the_shutdown_delay(
         session.post(f"http://127.0.0.1:{port}/echo", data=b"still here") as response,
     ):
         assert (response.status, await response.read()) == (200, b"still here")
-    assert await asyncio.wait_for(process.wait(), 30) == 0
+    assert (await served.exited())[0] == 0
 
 
-async def test_sigterm_drains_in_flight_requests(canned_upstream):
+async def test_sigterm_drains_in_flight_requests(canned_upstream, serve):
     """SIGTERM: the in-flight slow request still completes, new connections are refused, exit 0."""
-    process, port, _ = await _start_process(canned_upstream.url, "--drain-timeout", "20")
+    served, port, _ = await _start_process(serve, canned_upstream.url, "--drain-timeout", "20")
     async with aiohttp.ClientSession() as session:
         slow = asyncio.ensure_future(session.get(f"http://127.0.0.1:{port}/slow"))
         await asyncio.wait_for(canned_upstream.slow_started.wait(), timeout=10)
-        process.send_signal(signal.SIGTERM)
+        served.process.send_signal(signal.SIGTERM)
         response = await slow
         assert response.status == 200
         assert await response.text() == "late"
-    assert await process.wait() == 0
-    assert process.stderr is not None
-    lines = [json.loads(line) for line in (await process.stderr.read()).decode().splitlines()]
+    code, lines = await served.exited()
+    assert code == 0
     assert any(line["msg"] == "signal received, draining" for line in lines)
     with pytest.raises(aiohttp.ClientConnectionError):
         async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/echo"):
             pass
 
 
-async def test_logs_are_json_lines_without_per_request_lines(canned_upstream):
+async def test_logs_are_json_lines_without_per_request_lines(canned_upstream, serve):
     """The process logs JSON objects and stays quiet per request at the default level."""
-    process, port, _ = await _start_process(canned_upstream.url)
+    served, port, _ = await _start_process(serve, canned_upstream.url)
     async with aiohttp.ClientSession() as session:
         for _ in range(5):
             async with session.get(f"http://127.0.0.1:{port}/echo") as response:
                 await response.read()
-    process.send_signal(signal.SIGTERM)
-    assert await process.wait() == 0
-    assert process.stderr is not None
-    lines = [json.loads(line) for line in (await process.stderr.read()).decode().splitlines()]
+    served.process.send_signal(signal.SIGTERM)
+    code, lines = await served.exited()
+    assert code == 0
     messages = [line["msg"] for line in lines]
     assert messages[-3:] == ["serving", "signal received, draining", "stopped"]
     assert set(messages) <= {

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from sidecar import loadtest_cli
-from sidecar.demo import FEATURES, make_model_app
-from sidecar.loadtest import Histogram
+from sidecar.demo.model import FEATURES, make_model_app
+from sidecar.loadtest import cli as loadtest_cli
+from sidecar.loadtest.engine import Histogram
 
 
 @dataclass

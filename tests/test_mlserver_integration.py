@@ -22,7 +22,7 @@ import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.app import Sidecar
-from sidecar.mlserver import MLServer, iris_rows, run_mlserver, send_v2_traffic, v2_body
+from sidecar.demo.mlserver import MLServer, iris_rows, run_mlserver, send_v2_traffic, v2_body
 from tests.conftest import StartSidecar, scrape
 
 pytestmark = [
@@ -78,7 +78,7 @@ def total(text: str, name: str, **labels: str) -> float:
     )
 
 
-async def settled(sidecar: Sidecar, done: Callable[[str], bool]) -> str:
+async def scrape_until_steady(sidecar: Sidecar, done: Callable[[str], bool]) -> str:
     """Scrape until `done(text)` holds, or the text has not changed for 2 s (recording runs off
     the request path, on a queue), or 30 s have passed; return the last scrape."""
     text, unchanged = await scrape(sidecar), 0
@@ -128,7 +128,7 @@ async def test_predictions_total_counts_exactly_the_classes_mlserver_returned(
             for label in expected
         }
 
-    text = await settled(
+    text = await scrape_until_steady(
         sidecar,
         lambda text: (
             counted(text) == expected and total(text, "ml_requests_total", code="200") >= TRAFFIC
@@ -148,7 +148,7 @@ async def test_versioned_path_is_counted_for_the_same_model(sidecar: Sidecar) ->
     def counted(text: str) -> float:
         return total(text, "ml_predictions_total", model_name="iris")
 
-    text = await settled(sidecar, lambda text: counted(text) == 15)
+    text = await scrape_until_steady(sidecar, lambda text: counted(text) == 15)
     assert counted(text) == sum(expected.values()) == 15
     for label, rows in expected.items():
         labels = {"model_name": "iris", "model_version": "v1", "class": label}
@@ -181,7 +181,9 @@ async def test_gzipped_answers_pass_through_compressed(
     assert ("content-encoding", "gzip") in direct[1]
     assert proxied[:2] == direct[:2]
     assert gzip.decompress(proxied[2]) == gzip.decompress(direct[2])
-    text = await settled(sidecar, lambda text: total(text, "ml_predictions_total") == 60)
+    text = await scrape_until_steady(
+        sidecar, lambda text: total(text, "ml_predictions_total") == 60
+    )
     assert total(text, "ml_predictions_total", model_name="iris") == 60
 
 
@@ -203,6 +205,8 @@ async def test_wrong_feature_count_gets_mlservers_own_plain_text_500(
     assert status == 500
     assert answer == b"Internal Server Error"
     assert ("content-type", "text/plain; charset=utf-8") in headers
-    text = await settled(sidecar, lambda text: total(text, "ml_requests_total", code="500") == 1)
+    text = await scrape_until_steady(
+        sidecar, lambda text: total(text, "ml_requests_total", code="500") == 1
+    )
     assert total(text, "ml_requests_total", model_name="iris", code="500") == 1
     assert total(text, "ml_predictions_total") == 0

@@ -1,4 +1,4 @@
-"""Folding the multiprocess files of exited processes (sidecar.mpfiles), on files written by
+"""Folding the multiprocess files of exited processes (sidecar.workers.mpfiles), on files written by
 real processes in prometheus_client's multiprocess mode."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from sidecar import mpfiles
+from sidecar.workers import mpfiles
 
 # One process: a labelled counter, a histogram and a gauge per multiprocess mode, all from `n`.
 # Values are multiples of 1/4, so sums are exact in any order.

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from sidecar.extract.sse import Event, EventSplitter, split_events
 from sidecar.proxy.usage import UsageFilter, ask_for_usage, usage_filter
-from sidecar.sse import Event, EventSplitter, split_events
 from tests.fixtures_util import exchange
 
 STREAM = exchange("openai", "chat_completion_stream").response.body

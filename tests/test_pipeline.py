@@ -9,17 +9,18 @@ from collections import Counter
 
 import aiohttp
 import pytest
+from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, generate_latest
 
 from sidecar import pipeline as pipeline_module
 from sidecar.app import Sidecar, build_routes
 from sidecar.config import RouteConfig, load
-from sidecar.demo import CLASSES
+from sidecar.demo.model import CLASSES, serve_app
 from sidecar.exchange import Exchange
 from sidecar.extract.spec import MappingSpec
 from sidecar.pipeline import Pipeline
-from tests.conftest import StartSidecar, sample, scrape, settled
+from tests.conftest import StartSidecar, assert_sample, sample, scrape, settled
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, bytes]:
@@ -43,7 +44,7 @@ async def classes_counted(sidecar: Sidecar, answers: list[tuple[int, bytes]]) ->
     total = sum(returned.values())
     text = await settled(sidecar, "ml_prediction_confidence_count", total, model_name="iris")
     for name, count in returned.items():
-        assert sample(text, "ml_predictions_total", model_name="iris", **{"class": name}) == count
+        assert_sample(text, "ml_predictions_total", count, model_name="iris", **{"class": name})
     return text, total
 
 
@@ -58,8 +59,8 @@ async def test_kserve_preset_counts_every_returned_class(toy_model, start_sideca
             body = json.dumps({"instances": IRIS_ROWS[:size]}).encode()
             answers.append(await post(session, f"{sidecar.proxy_url}/v1/models/iris:predict", body))
     text, total = await classes_counted(sidecar, answers)
-    assert sample(text, "ml_batch_size_sum", route="predict", model_name="iris") == total
-    assert sample(text, "ml_requests_total", route="predict", code="200", model_name="iris") == 6
+    assert_sample(text, "ml_batch_size_sum", total, route="predict", model_name="iris")
+    assert_sample(text, "ml_requests_total", 6, route="predict", code="200", model_name="iris")
 
 
 async def test_bad_json_is_counted_and_the_reply_untouched(toy_model, start_sidecar):
@@ -73,7 +74,7 @@ async def test_bad_json_is_counted_and_the_reply_untouched(toy_model, start_side
     assert proxied == direct
     assert proxied[0] == 400
     text = await scrape(sidecar)
-    assert sample(text, "ml_errors_total", error_type="client_4xx", route="predict") == 1
+    assert_sample(text, "ml_errors_total", 1, error_type="client_4xx", route="predict")
 
 
 async def test_unparseable_success_counts_a_parse_error(canned_upstream, start_sidecar):
@@ -86,6 +87,32 @@ async def test_unparseable_success_counts_a_parse_error(canned_upstream, start_s
         status, body = await post(session, f"{sidecar.proxy_url}/echo", b"not json at all")
     assert (status, body) == (200, b"not json at all")
     await settled(sidecar, "ml_errors_total", 1, error_type="request_parse")
+
+
+async def test_unparseable_or_misshapen_answers_count_instrumentation_errors(start_sidecar):
+    """A JSON answer cut short counts response_parse, one of the wrong shape mapping: failures
+    of the instrumentation only, as each answer reaches the client as the model sent it."""
+    answers = {"/cut": b'{"predictions": [[0.1, 0.9', "/shape": b'{"predictions": "none"}'}
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=answers[request.path], content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/{name}", answer)
+    mapping = MappingSpec(features="instances", probabilities="predictions")
+    routes = tuple(
+        RouteConfig(name=path[1:], method="POST", path=path, mapping=mapping) for path in answers
+    )
+    async with serve_app(app) as url, aiohttp.ClientSession() as session:
+        sidecar = await start_sidecar(url, routes=routes)
+        for path, sent in answers.items():
+            body = b'{"instances": [[1.0, 2.0]]}'
+            assert await post(session, sidecar.proxy_url + path, body) == (200, sent)
+    text = await settled(sidecar, "ml_errors_total", 1, route="cut", error_type="response_parse")
+    assert_sample(text, "ml_errors_total", 1, route="shape", error_type="mapping")
+    for route in ("cut", "shape"):
+        assert_sample(text, "ml_requests_total", 1, route=route, code="200")
 
 
 async def test_custom_mapping_and_data_quality(canned_upstream, start_sidecar):
@@ -107,7 +134,7 @@ async def test_custom_mapping_and_data_quality(canned_upstream, start_sidecar):
         status, _ = await post(session, f"{sidecar.proxy_url}/json", body)
     assert status == 200
     text = await settled(sidecar, "ml_predictions_total", 1, **{"class": "yes"})
-    assert sample(text, "ml_feature_missing_total", feature="b", model_name="custom") == 1
+    assert_sample(text, "ml_feature_missing_total", 1, feature="b", model_name="custom")
 
 
 async def test_body_over_parse_limit_passes_unparsed(canned_upstream, start_sidecar):
@@ -119,8 +146,24 @@ async def test_body_over_parse_limit_passes_unparsed(canned_upstream, start_side
         status, answer = await post(session, f"{sidecar.proxy_url}/echo", body)
     assert (status, answer) == (200, body)
     text = await scrape(sidecar)
-    assert sample(text, "sidecar_dropped_observations_total", reason="body_too_large") == 1
-    assert sample(text, "ml_errors_total", error_type="request_parse") is None
+    assert_sample(text, "sidecar_dropped_observations_total", 1, reason="body_too_large")
+    assert_sample(text, "ml_errors_total", None, error_type="request_parse")
+
+
+async def test_payloads_beyond_the_record_queue_are_dropped_and_counted(
+    canned_upstream, start_sidecar
+):
+    """With no room in the record queue (record_queue_size 0 here), the exchange is relayed
+    and counted as a request, and its payload is dropped as queue_full instead of parsed."""
+    mapping = MappingSpec(features="instances", probabilities="predictions", class_names=("n", "y"))
+    route = RouteConfig(name="json", method="POST", path="/json", mapping=mapping)
+    sidecar = await start_sidecar(canned_upstream.url, routes=(route,), record_queue_size=0)
+    async with aiohttp.ClientSession() as session:
+        status, _ = await post(session, f"{sidecar.proxy_url}/json", b'{"instances": [[1.0]]}')
+    assert status == 200
+    text = await settled(sidecar, "ml_requests_total", 1, route="json", code="200")
+    assert_sample(text, "sidecar_dropped_observations_total", 1, reason="queue_full")
+    assert_sample(text, "ml_predictions_total", None, **{"class": "y"})
 
 
 async def test_model_names_from_paths_are_capped(toy_model, start_sidecar):
@@ -130,8 +173,8 @@ async def test_model_names_from_paths_are_capped(toy_model, start_sidecar):
         for index in range(5):
             await post(session, f"{sidecar.proxy_url}/v1/models/m{index}:predict", b"{}")
     text = await scrape(sidecar)
-    assert sample(text, "ml_requests_total", model_name="__other__", code="404") == 3
-    assert sample(text, "sidecar_label_overflow_total", label="model_name") == 3
+    assert_sample(text, "ml_requests_total", 3, model_name="__other__", code="404")
+    assert_sample(text, "sidecar_label_overflow_total", 3, label="model_name")
 
 
 @pytest.mark.parametrize(
@@ -169,8 +212,8 @@ async def test_nan_and_wrong_types_are_counted(canned_upstream, start_sidecar):
     async with aiohttp.ClientSession() as session:
         assert await post(session, f"{sidecar.proxy_url}/echo", body) == (200, body)
     text = await settled(sidecar, "ml_feature_invalid_total", 1, feature="c", reason="wrong_type")
-    assert sample(text, "ml_feature_invalid_total", feature="a", reason="nan") == 1
-    assert sample(text, "ml_feature_invalid_total", feature="b", reason="inf") == 1
+    assert_sample(text, "ml_feature_invalid_total", 1, feature="a", reason="nan")
+    assert_sample(text, "ml_feature_invalid_total", 1, feature="b", reason="inf")
 
 
 async def test_hundred_thousand_row_batch(toy_model, start_sidecar):
@@ -216,10 +259,10 @@ async def test_concurrent_requests_are_counted_exactly(toy_model, start_sidecar:
             )
         )
     text, total = await classes_counted(sidecar, answers)
-    assert sample(text, "ml_batch_size_count", route="predict", model_name="iris") == len(sizes)
-    assert sample(text, "ml_batch_size_sum", route="predict", model_name="iris") == total
-    assert sample(text, "ml_requests_total", route="predict", code="200") == len(sizes)
-    assert sample(text, "ml_request_duration_seconds_count", route="predict") == len(sizes)
+    assert_sample(text, "ml_batch_size_count", len(sizes), route="predict", model_name="iris")
+    assert_sample(text, "ml_batch_size_sum", total, route="predict", model_name="iris")
+    assert_sample(text, "ml_requests_total", len(sizes), route="predict", code="200")
+    assert_sample(text, "ml_request_duration_seconds_count", len(sizes), route="predict")
 
 
 def iris_exchange(pipeline: Pipeline, path: str, request_id: str) -> None:
@@ -262,8 +305,8 @@ async def test_a_scrape_counts_exchanges_still_waiting_to_be_recorded():
     for n in range(3):
         iris_exchange(pipeline, "/v1/models/iris:predict", str(n))
     text = generate_latest(registry).decode()  # no turn of the event loop since the requests
-    assert sample(text, "ml_requests_total", route="predict", code="200") == 3
-    assert sample(text, "ml_predictions_total", **{"class": "1"}) == 3
+    assert_sample(text, "ml_requests_total", 3, route="predict", code="200")
+    assert_sample(text, "ml_predictions_total", 3, **{"class": "1"})
 
 
 async def test_a_path_over_the_label_cap_counts_an_overflow_every_time():
@@ -274,9 +317,9 @@ async def test_a_path_over_the_label_cap_counts_an_overflow_every_time():
         iris_exchange(pipeline, "/v1/models/iris:predict", f"a{n}")
         iris_exchange(pipeline, "/v1/models/setosa:predict", f"b{n}")
     text = generate_latest(registry).decode()
-    assert sample(text, "ml_requests_total", model_name="iris", code="200") == 4
-    assert sample(text, "ml_requests_total", model_name="__other__", code="200") == 4
-    assert sample(text, "sidecar_label_overflow_total", label="model_name") == 4
+    assert_sample(text, "ml_requests_total", 4, model_name="iris", code="200")
+    assert_sample(text, "ml_requests_total", 4, model_name="__other__", code="200")
+    assert_sample(text, "sidecar_label_overflow_total", 4, label="model_name")
 
 
 async def test_a_reload_forgets_the_routes_remembered_per_path():
@@ -286,8 +329,8 @@ async def test_a_reload_forgets_the_routes_remembered_per_path():
     pipeline.reconfigure(config, build_routes(config))
     iris_exchange(pipeline, "/v1/models/iris:predict", "after")
     text = generate_latest(registry).decode()
-    assert sample(text, "ml_requests_total", route="predict") == 1
-    assert sample(text, "ml_requests_total", route="other") == 1
+    assert_sample(text, "ml_requests_total", 1, route="predict")
+    assert_sample(text, "ml_requests_total", 1, route="other")
 
 
 def large_exchange(pipeline: Pipeline, rows: int) -> None:

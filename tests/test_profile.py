@@ -13,8 +13,11 @@ import pyarrow.csv as pv
 import pyarrow.parquet as pq
 import pytest
 
-from sidecar import profile as profiles
-from sidecar import profile_cli, profile_io
+from sidecar.drift import build as builder
+from sidecar.drift import cli as profile_cli
+from sidecar.drift import profile as profiles
+from sidecar.drift import sources as profile_io
+from sidecar.drift import summary
 
 ROWS = 6000
 
@@ -52,7 +55,7 @@ def write(table: pa.Table, path: Path) -> Path:
 
 def build(path: Path, **options: object) -> profiles.Profile:
     kwargs = {"class_column": "pred", "confidence_column": "conf", "progress": False}
-    return profiles.build(path, **{**kwargs, **options})  # type: ignore[arg-type]
+    return builder.build(path, **{**kwargs, **options})  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -71,8 +74,8 @@ def test_csv_parquet_and_jsonl_stream_to_the_same_profile(tmp_path):
     assert built[0].features == built[1].features == built[2].features
     assert built[0].outputs == built[1].outputs == built[2].outputs
     assert len({profiles.content_hash(p) for p in built}) == 1
-    single = profiles.build_from_batches(
-        lambda: [(ROWS, {n: profiles._convert(table[n], k, ROWS) for n, k in kinds(built[1])})],
+    single = summary.build_from_batches(
+        lambda: [(ROWS, {n: builder._convert(table[n], k, ROWS) for n, k in kinds(built[1])})],
         [(f.name, kind(f)) for f in built[1].features],
         [(o.name, kind(o)) for o in built[1].outputs],
     )
@@ -136,9 +139,9 @@ def test_heavily_tied_numeric_gets_discrete_bins(tmp_path):
 def test_categorical_with_many_values_keeps_the_top_k(tmp_path, monkeypatch):
     """600 users stream through a 200-value summary; the exact top 10 survive, the rest is
     unseen."""
-    monkeypatch.setattr(profiles, "SUMMARY_SIZE", 200)
+    monkeypatch.setattr(summary, "SUMMARY_SIZE", 200)
     table = training_table()
-    assert len(set(table["user"].to_pylist())) > 3 * profiles.SUMMARY_SIZE
+    assert len(set(table["user"].to_pylist())) > 3 * summary.SUMMARY_SIZE
     profile = build(write(table, tmp_path / "train.csv"), top_k=10)
     user = next(f for f in profile.features if f.name == "user")
     assert isinstance(user, profiles.CategoricalFeature)
@@ -154,7 +157,7 @@ def test_overrides_change_inferred_types(tmp_path):
     that is not a number counts in the `nan` bin."""
     path = tmp_path / "t.csv"
     path.write_text("code,size\n3,1.5\n4,big\n3,2.5\n,3\n")
-    profile = profiles.build(path, categorical=["code"], numeric=["size"], progress=False)
+    profile = builder.build(path, categorical=["code"], numeric=["size"], progress=False)
     code, size = profile.features
     assert isinstance(code, profiles.CategoricalFeature)
     assert isinstance(size, profiles.NumericFeature)
@@ -210,13 +213,14 @@ def test_build_rejects_bad_options(tmp_path, options, message):
     """Unknown columns, contradictory types and a top-k over 50 are errors that say so."""
     path = write(training_table(300), tmp_path / "train.parquet")
     with pytest.raises(profiles.ProfileError, match=message):
-        profiles.build(path, progress=False, **options)
+        builder.build(path, progress=False, **options)
 
 
 def cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="sidecar")
     profile_cli.register(parser.add_subparsers(dest="command", required=True))
-    return profile_cli.run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return int(args.handler(args))
 
 
 def test_cli_builds_then_shows_a_profile(tmp_path, capsys):

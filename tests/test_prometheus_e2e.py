@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.demo import CLASSES, FEATURES, sample_rows
+from sidecar.demo.model import CLASSES, FEATURES, sample_rows
 from tests.prometheus_stack import (
     DEADLINE,
     PROMETHEUS_DIR,

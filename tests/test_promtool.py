@@ -84,7 +84,7 @@ def dashboard_exprs() -> list[str]:
 
 
 def load_generator() -> ModuleType:
-    path = ROOT / "deploy" / "kubernetes" / "generate_prometheusrule.py"
+    path = ROOT / "scripts" / "generate_prometheusrule.py"
     spec = importlib.util.spec_from_file_location("generate_prometheusrule", path)
     assert spec is not None
     assert spec.loader is not None

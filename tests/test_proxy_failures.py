@@ -10,12 +10,12 @@ import aiohttp
 import pytest
 
 from sidecar.app import Sidecar
-from tests.conftest import BIG, CannedUpstream, free_port, sample, scrape, settled
+from tests.conftest import BIG, CannedUpstream, assert_sample, scrape, settled
 
 
-async def test_upstream_down_gives_502_json(client, start_sidecar):
+async def test_upstream_down_gives_502_json(client, start_sidecar, refusing_url):
     """Connection refused: 502 with a short JSON reason, counted as upstream_unreachable."""
-    sidecar = await start_sidecar(f"http://127.0.0.1:{free_port()}")
+    sidecar = await start_sidecar(refusing_url)
     async with client.post(sidecar.proxy_url + "/predict", data=b"{}") as response:
         assert response.status == 502
         assert response.headers["Content-Type"].startswith("application/json")
@@ -23,8 +23,29 @@ async def test_upstream_down_gives_502_json(client, start_sidecar):
         assert body["error"] == "upstream unreachable"
         assert body["request_id"] == response.headers["X-Request-ID"]
     text = await scrape(sidecar)
-    assert sample(text, "ml_errors_total", error_type="upstream_unreachable") == 1
-    assert sample(text, "ml_requests_total", code="502", method="POST") == 1
+    assert_sample(text, "ml_errors_total", 1, error_type="upstream_unreachable")
+    assert_sample(text, "ml_requests_total", 1, code="502", method="POST")
+
+
+@pytest.mark.parametrize(
+    ("path", "code", "error_type"),
+    [("/error", "500", "upstream_5xx"), ("/status/503", "503", "upstream_5xx"),
+     ("/status/404", "404", "client_4xx"), ("/status/429", "429", "client_4xx")],
+)  # fmt: skip
+async def test_the_model_servers_error_answers_are_relayed_and_counted(
+    client, canned_upstream, sidecar, path, code, error_type
+):
+    """A 5xx or 4xx from the model server reaches the client as it came, and counts once as the
+    model server's failure (upstream_5xx, which the availability SLO counts) or the client's
+    (client_4xx, which it does not)."""
+    async with client.get(sidecar.proxy_url + path) as response:
+        assert response.status == int(code)
+        forwarded = await response.read()
+    assert forwarded == (b"Internal Server Error" if path == "/error" else b"")
+    text = await settled(sidecar, "ml_requests_total", 1, code=code)
+    assert_sample(text, "ml_errors_total", 1, error_type=error_type)
+    other = "client_4xx" if error_type == "upstream_5xx" else "upstream_5xx"
+    assert_sample(text, "ml_errors_total", None, error_type=other)
 
 
 # A request that finds an idle pooled connection is answered from callbacks, without a task
@@ -52,7 +73,7 @@ async def test_slow_upstream_gives_504(client, canned_upstream, start_sidecar, p
     if pooled:
         assert len(canned_upstream.connections) == opened  # it went out on the pooled one
     text = await scrape(sidecar)
-    assert sample(text, "ml_errors_total", error_type="upstream_timeout") == 1
+    assert_sample(text, "ml_errors_total", 1, error_type="upstream_timeout")
     # The timed-out connection is not reused: a late reply must not answer the next request.
     async with client.post(sidecar.proxy_url + "/echo", data=b"next") as response:
         assert await response.read() == b"next"
@@ -68,7 +89,7 @@ async def test_reset_mid_body_closes_client_connection(client, canned_upstream, 
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
     text = await scrape(sidecar)
-    assert sample(text, "ml_errors_total", error_type="upstream_reset") == 1
+    assert_sample(text, "ml_errors_total", 1, error_type="upstream_reset")
 
 
 async def test_proxy_keeps_serving_after_failures(client, canned_upstream, sidecar):
@@ -88,8 +109,7 @@ async def test_client_hanging_up_mid_stream_cancels_upstream(canned_upstream, si
         response.close()  # hang up without reading the rest
     await asyncio.wait_for(canned_upstream.stream_abandoned.wait(), timeout=10)
     text = await settled(sidecar, "ml_errors_total", 1, error_type="client_disconnect")
-    assert sample(text, "ml_errors_total", error_type="client_disconnect") == 1
-    assert sample(text, "ml_requests_in_progress") == 0
+    assert_sample(text, "ml_requests_in_progress", 0)
 
 
 async def test_client_that_stops_reading_is_cut_off_after_the_send_timeout(
@@ -107,7 +127,7 @@ async def test_client_that_stops_reading_is_cut_off_after_the_send_timeout(
         await loop.sock_connect(sock, (host, int(port)))
         await loop.sock_sendall(sock, b"GET /bytes/%d HTTP/1.1\r\nHost: x\r\n\r\n" % BIG)
         text = await settled(sidecar, "ml_errors_total", 1, error_type="client_disconnect")
-        assert sample(text, "ml_requests_in_progress") == 0
+        assert_sample(text, "ml_requests_in_progress", 0)
         received = 0
         with contextlib.suppress(ConnectionResetError):  # what was queued, then EOF (or RST)
             while chunk := await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), timeout=10):
@@ -126,13 +146,13 @@ async def test_a_request_waiting_for_the_upstream_is_in_progress(
     async with aiohttp.ClientSession() as session:
         waiting = asyncio.ensure_future(session.get(sidecar.proxy_url + "/slow"))
         await asyncio.wait_for(canned_upstream.slow_started.wait(), timeout=10)
-        assert sample(await scrape(sidecar), "ml_requests_in_progress") == 1
+        assert_sample(await scrape(sidecar), "ml_requests_in_progress", 1)
         waiting.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await waiting
     await asyncio.wait_for(canned_upstream.slow_abandoned.wait(), timeout=3)
     text = await settled(sidecar, "ml_requests_in_progress", 0)
-    assert sample(text, "ml_errors_total", error_type="client_disconnect") == 1
+    assert_sample(text, "ml_errors_total", 1, error_type="client_disconnect")
 
 
 class ForgetfulUpstream:
@@ -195,8 +215,8 @@ async def test_an_idempotent_request_closed_unanswered_is_retried_on_a_fresh_one
         # new connection, which the next request then found pooled.
         assert upstream.requests == 5
         text = await scrape(sidecar)
-        assert sample(text, "ml_requests_total", code="200") == 3
-        assert sample(text, "ml_errors_total", error_type="upstream_reset") is None
+        assert_sample(text, "ml_requests_total", 3, code="200")
+        assert_sample(text, "ml_errors_total", None, error_type="upstream_reset")
 
 
 async def test_a_post_closed_unanswered_is_not_sent_again(client, start_sidecar):
@@ -211,7 +231,7 @@ async def test_a_post_closed_unanswered_is_not_sent_again(client, start_sidecar)
             assert (await response.json())["error"] == "upstream closed the connection"
         assert upstream.requests == 2
         text = await scrape(sidecar)
-        assert sample(text, "ml_errors_total", error_type="upstream_reset") == 1
+        assert_sample(text, "ml_errors_total", 1, error_type="upstream_reset")
 
 
 async def test_a_pooled_connection_closed_mid_answer_is_not_retried(client, start_sidecar):
@@ -225,4 +245,4 @@ async def test_a_pooled_connection_closed_mid_answer_is_not_retried(client, star
             assert (await response.json())["error"] == "upstream closed the connection"
         assert upstream.connections == 1
         text = await scrape(sidecar)
-        assert sample(text, "ml_errors_total", error_type="upstream_reset") == 1
+        assert_sample(text, "ml_errors_total", 1, error_type="upstream_reset")

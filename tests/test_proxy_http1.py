@@ -17,8 +17,9 @@ from prometheus_client import CollectorRegistry
 from sidecar.app import Sidecar
 from sidecar.config import Config
 from sidecar.proxy.http1 import Http1Server, HttpConnection, Request
-from tests.conftest import CannedUpstream, sample, scrape, settled
+from tests.conftest import CannedUpstream, assert_sample, scrape, settled
 from tests.raw_http import closed, connect, post, read_response
+from tests.test_hardening import only_connection, until
 
 
 async def test_pipelined_requests_are_answered_in_order(canned_upstream, sidecar):
@@ -115,9 +116,9 @@ async def test_chunked_request_bodies(canned_upstream, sidecar):
     upstream_headers = {name.lower(): value for name, value in canned_upstream.seen[-1]["headers"]}
     assert upstream_headers["content-length"] == "11"
 
-    writer.write(chunked + b"5\r\nhello\r\n")
-    await writer.drain()
-    await asyncio.sleep(0.1)  # the proxy has started on it before the rest comes
+    streamed = chunked.replace(b"/echo", b"/echo/streamed")
+    writer.write(streamed + b"5\r\nhello\r\n")
+    await canned_upstream.head_of("/echo/streamed")  # sent on before the rest has come
     writer.write(b"6\r\n world\r\n0\r\n\r\n")
     assert (await read_response(reader))[2] == b"hello world"
     upstream_headers = {name.lower(): value for name, value in canned_upstream.seen[-1]["headers"]}
@@ -269,8 +270,8 @@ async def test_close_delimited_reply_is_relayed_whole(closing_upstream, start_si
     writer.close()
 
     text = await settled(sidecar, "ml_predictions_total", 3)
-    assert sample(text, "ml_requests_total", code="200") == 3
-    assert sample(text, "ml_errors_total") is None
+    assert_sample(text, "ml_requests_total", 3, code="200")
+    assert_sample(text, "ml_errors_total", None)
 
 
 @pytest.mark.parametrize(
@@ -292,7 +293,7 @@ async def test_reply_cut_short_is_an_upstream_reset(closing_upstream, start_side
         await read_response(reader)
     writer.close()
     text = await settled(sidecar, "ml_errors_total", 1, error_type="upstream_reset")
-    assert sample(text, "ml_requests_total", code="200") == 1
+    assert_sample(text, "ml_requests_total", 1, code="200")
 
 
 async def test_upstream_silent_mid_stream_times_out(canned_upstream, start_sidecar):
@@ -307,14 +308,19 @@ async def test_upstream_silent_mid_stream_times_out(canned_upstream, start_sidec
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
     await asyncio.wait_for(canned_upstream.stream_abandoned.wait(), timeout=10)
-    assert sample(await scrape(sidecar), "ml_errors_total", error_type="upstream_timeout") == 1
+    assert_sample(await scrape(sidecar), "ml_errors_total", 1, error_type="upstream_timeout")
 
 
 async def test_stop_closes_idle_keep_alive_connections(canned_upstream: CannedUpstream):
     """Draining does not wait for idle keep-alive connections: they are closed at once (well
     before the drain timeout, which closed() would not wait out)."""
     config = Config(
-        upstream=canned_upstream.url, host="127.0.0.1", port=0, metrics_port=0, drain_timeout=60
+        upstream=canned_upstream.url,
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        drain_timeout=60,
+        shutdown_delay=0,  # no load balancer to wait for
     )
     sidecar = Sidecar(config, registry=CollectorRegistry())
     await sidecar.start()
@@ -332,14 +338,17 @@ async def test_stop_closes_idle_keep_alive_connections(canned_upstream: CannedUp
 async def test_stop_lets_a_stream_in_progress_finish_then_closes(canned_upstream: CannedUpstream):
     """A reply already under way when draining starts goes out whole, then the connection
     closes although it was keep-alive."""
-    config = Config(upstream=canned_upstream.url, host="127.0.0.1", port=0, metrics_port=0)
+    config = Config(
+        upstream=canned_upstream.url, host="127.0.0.1", port=0, metrics_port=0, shutdown_delay=0
+    )
     sidecar = Sidecar(config, registry=CollectorRegistry())
     await sidecar.start()
     reader, writer = await connect(sidecar.proxy_url)
     writer.write(b"GET /sse HTTP/1.1\r\nHost: x\r\n\r\n")
     await asyncio.wait_for(reader.readuntil(b"data: first\n\n\r\n"), timeout=10)
+    connection = only_connection(sidecar)
     stopping = asyncio.ensure_future(sidecar.stop())
-    await asyncio.sleep(0.1)  # draining has begun
+    await until(lambda: connection.draining)
     canned_upstream.sse_release.set()
     rest = await asyncio.wait_for(reader.read(), timeout=10)  # to EOF
     await stopping
@@ -354,8 +363,8 @@ async def test_client_hanging_up_before_the_answer_is_a_499(canned_upstream, sid
     await asyncio.wait_for(canned_upstream.slow_started.wait(), timeout=10)
     writer.close()
     text = await settled(sidecar, "ml_errors_total", 1, error_type="client_disconnect")
-    assert sample(text, "ml_requests_total", code="499") == 1
-    assert sample(text, "ml_requests_in_progress") == 0
+    assert_sample(text, "ml_requests_total", 1, code="499")
+    assert_sample(text, "ml_requests_in_progress", 0)
 
 
 async def test_client_leaving_mid_upload_is_a_client_disconnect(canned_upstream, sidecar):
@@ -365,11 +374,11 @@ async def test_client_leaving_mid_upload_is_a_client_disconnect(canned_upstream,
     writer.write(post("/echo", b"")[:-2].replace(b"Length: 0", b"Length: 10000000") + b"\r\n")
     writer.write(b"x" * 200_000)
     await writer.drain()
-    await asyncio.sleep(0.2)  # the upload is under way upstream
+    await canned_upstream.head_of("/echo")  # the upload is under way upstream
     writer.close()
     text = await settled(sidecar, "ml_requests_in_progress", 0)
-    assert sample(text, "ml_errors_total", error_type="client_disconnect") == 1
-    assert sample(text, "ml_requests_total", code="502") is None
+    assert_sample(text, "ml_errors_total", 1, error_type="client_disconnect")
+    assert_sample(text, "ml_requests_total", None, code="502")
 
 
 # The server on its own, with small handlers.

@@ -16,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge
 
 from sidecar.readiness import UpstreamProbe
-from tests.conftest import StartSidecar, sample, scrape
+from tests.conftest import StartSidecar, assert_sample, scrape
 
 SLOW_PROBES = 30.0  # health_interval: the periodic probe cannot be what notices in these tests
 
@@ -113,12 +113,12 @@ async def test_a_refused_request_fails_readiness_and_a_reply_restores_it(
     status, reason = await readyz(client, sidecar.admin_url)
     assert status == 503
     assert "cannot connect to" in reason.lower()
-    assert sample(await scrape(sidecar), "sidecar_upstream_up") == 0
+    assert_sample(await scrape(sidecar), "sidecar_upstream_up", 0)
 
     await upstream.start()
     assert await proxied(client, sidecar.proxy_url) == 200
     assert await readyz(client, sidecar.admin_url) == (200, f"{upstream.url}/health answered 200")
-    assert sample(await scrape(sidecar), "sidecar_upstream_up") == 1
+    assert_sample(await scrape(sidecar), "sidecar_upstream_up", 1)
 
 
 async def test_a_reply_does_not_overrule_a_health_path_that_says_not_ready(

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import signal
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -13,7 +10,7 @@ import msgspec
 import pytest
 
 from sidecar.config import RouteConfig
-from tests.conftest import CannedUpstream, free_port, sample, scrape
+from tests.conftest import CannedUpstream, StartServe, assert_sample, sample, scrape
 
 REJECTED = "new config rejected; still serving the previous one"
 ECHO_ROUTE = "routes:\n  - {name: echo, method: POST, path: /echo}\n"
@@ -32,17 +29,8 @@ async def test_reload_swaps_routes_and_keeps_restart_settings(canned_upstream, s
     ):
         assert response.status == 200
     text = await scrape(sidecar)
-    assert sample(text, "ml_requests_total", route="echo") == 1
+    assert_sample(text, "ml_requests_total", 1, route="echo")
     assert sidecar.config.port == 0
-
-
-async def _wait_for_log(stream: asyncio.StreamReader, message: str) -> dict[str, object]:
-    while True:
-        line = await asyncio.wait_for(stream.readline(), timeout=20)
-        assert line, f"process ended before logging {message!r}"
-        entry = json.loads(line)
-        if entry["msg"] == message:
-            return dict(entry)
 
 
 async def _count(metrics_port: int, route: str) -> float | None:
@@ -58,40 +46,37 @@ async def _post_echo(port: int) -> None:
 
 
 @pytest.mark.parametrize("trigger", ["sighup", "file-watch"])
-async def test_reload_from_file(canned_upstream: CannedUpstream, tmp_path: Path, trigger: str):
+async def test_reload_from_file(
+    canned_upstream: CannedUpstream, tmp_path: Path, serve: StartServe, trigger: str
+):
     """A broken file is rejected and logged while the old config serves; a good one applies."""
     config = tmp_path / "sidecar.yaml"
-    port, metrics_port = free_port(), free_port()
     watch = 0.1 if trigger == "file-watch" else 0
     base = (
-        f"upstream: {canned_upstream.url}\nhost: 127.0.0.1\nport: {port}\n"
-        f"metrics_port: {metrics_port}\nconfig_watch_interval: {watch}\n"
+        f"upstream: {canned_upstream.url}\nhost: 127.0.0.1\nport: 0\n"
+        f"metrics_port: 0\nconfig_watch_interval: {watch}\n"
     )
     config.write_text(base)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", "serve", "--config", str(config),
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert process.stderr is not None
+    served = await serve("--config", str(config))
 
     def changed() -> None:
         if trigger == "sighup":
-            process.send_signal(signal.SIGHUP)
+            served.process.send_signal(signal.SIGHUP)
 
     try:
-        await _wait_for_log(process.stderr, "serving")
+        port, metrics_port = await served.ports()
         config.write_text(base + "port: [\n")
         changed()
-        rejected = await _wait_for_log(process.stderr, REJECTED)
+        rejected = await served.logged(REJECTED)
         assert "is not valid YAML" in str(rejected["error"])
         await _post_echo(port)
         assert await _count(metrics_port, "other") == 1
 
         config.write_text(base + ECHO_ROUTE)
         changed()
-        await _wait_for_log(process.stderr, "config reloaded")
+        await served.logged("config reloaded")
         await _post_echo(port)
         assert await _count(metrics_port, "echo") == 1
     finally:
-        process.send_signal(signal.SIGTERM)
-        assert await process.wait() == 0
+        served.process.send_signal(signal.SIGTERM)
+        assert (await served.exited())[0] == 0

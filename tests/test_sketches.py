@@ -1,4 +1,4 @@
-"""The drift arithmetic in sidecar.sketches, checked against textbook formulas and scipy."""
+"""The drift arithmetic in sidecar.drift.sketches, checked against textbook formulas and scipy."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis.extra.numpy import arrays
 from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
-from sidecar import sketches as sk
+from sidecar.drift import sketches as sk
 
 
 def cdf_of(reference: np.ndarray, points: int = 101) -> sk.Cdf:

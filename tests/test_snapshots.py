@@ -1,4 +1,4 @@
-"""Worker snapshots of custom collectors, and how the supervisor merges them (sidecar.snapshots)."""
+"""Worker snapshots of custom collectors, and how the supervisor merges them (workers/snapshots)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import pytest
 from prometheus_client import Counter
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
-from sidecar import snapshots
-from sidecar.recorders.drift import DriftRecorder, DriftSettings
-from sidecar.snapshots import Family, LocalRegistry, Sample, SnapshotMerge, SnapshotWriter
+from sidecar.drift.recorder import DriftRecorder
+from sidecar.drift.settings import DriftSettings
+from sidecar.workers import snapshots
+from sidecar.workers.snapshots import Family, LocalRegistry, Sample, SnapshotMerge, SnapshotWriter
 from tests.test_drift_recorder import reference, table
 
 

@@ -21,11 +21,11 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar import mpfiles
 from sidecar.cli import main
-from sidecar.demo import FEATURES, sample_rows
-from sidecar.workers import HEALTH_SOCKET, HealthInbox, HealthRelay
-from tests.conftest import CannedUpstream, free_port
+from sidecar.demo.model import FEATURES, sample_rows
+from sidecar.workers import mpfiles
+from sidecar.workers.health import HEALTH_SOCKET, HealthInbox, HealthRelay
+from tests.conftest import CannedUpstream, ServeProcess, reserved_port
 from tests.test_drift_e2e import write_reference
 from tests.test_readiness import restartable_upstream, until
 
@@ -52,24 +52,25 @@ class Running:
 
 @asynccontextmanager
 async def supervisor(upstream: str, *extra: str, workers: int = 2) -> AsyncIterator[Running]:
-    """`sidecar serve --workers N` on free ports; yields once every worker listens; on exit
+    """`sidecar serve --workers N` on a proxy port held for it (`reserved_port`) and an admin
+    port it picks, read from its "supervising" line; yields once every worker listens; on exit
     SIGTERMs it and checks it exits 0."""
-    port, metrics_port = free_port(), free_port()
-    process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "sidecar", "serve", "--upstream", upstream, "--host", "127.0.0.1"),
-        *("--port", str(port), "--metrics-port", str(metrics_port), "--workers", str(workers)),
-        *("--drain-timeout", "5", *extra),
-        env={**os.environ, "SIDECAR_SHUTDOWN_DELAY": "0"},  # no load balancer to wait for
-    )
-    running = Running(process, port, metrics_port)
-    try:
-        await _until(lambda: len(_listening(port)) == workers, process)
-        await _until(lambda: len(running.workers()) == workers, process)
-        yield running
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(process.wait(), 60)  # also after a failure: reap it
+    with reserved_port() as port:
+        served = await ServeProcess.start(
+            *("--upstream", upstream, "--host", "127.0.0.1", "--port", str(port)),
+            *("--metrics-port", "0", "--workers", str(workers), "--drain-timeout", "5", *extra),
+            env={**os.environ, "SIDECAR_SHUTDOWN_DELAY": "0"},  # no load balancer to wait for
+        )
+        process = served.process
+        try:
+            running = Running(process, port, await served.port("supervising", "admin"))
+            await _until(lambda: len(_listening(port)) == workers, process)
+            await _until(lambda: len(running.workers()) == workers, process)
+            yield running
+        finally:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+            code, _ = await served.exited()  # also after a failure: reap it
     assert code == 0
 
 
@@ -390,7 +391,7 @@ async def test_a_taken_port_makes_the_supervisor_give_up(canned_upstream: Canned
         port = taken.getsockname()[1]
         process = await asyncio.create_subprocess_exec(
             *(sys.executable, "-m", "sidecar", "serve", "--upstream", canned_upstream.url),
-            *("--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(free_port())),
+            *("--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"),
             *("--workers", "2"),
             stderr=asyncio.subprocess.PIPE,
         )

@@ -3,41 +3,76 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from sidecar.recorders.feedback import FeedbackError, FeedbackRecorder, parse_feedback
+from sidecar.admin_http import (
+    BodyTooLarge,
+    BodyUndecodable,
+    Reply,
+    Route,
+    Router,
+    header,
+    json_reply,
+    read_body,
+)
+from sidecar.feedback.recorder import FeedbackError, FeedbackRecorder, parse_feedback
+from sidecar.proxy.http1 import Handler, Http1Server, HttpConnection, Request
 
 ReadinessCheck = Callable[[], tuple[bool, str]]
 
-
 FEEDBACK_MAX_BYTES = 16 * 1024 * 1024  # 10,000 items with long request ids fit easily
+# Bodies up to this with a Content-Length are read before a route starts; larger ones are read
+# by /feedback itself, after the token check: an unauthenticated client cannot make us hold more.
+WHOLE_BODY_LIMIT = 64 * 1024
+STOP_TIMEOUT = 5.0  # seconds a request in flight (a /feedback join) gets when the port closes
 
 
-def _feedback_handler(
-    feedback: FeedbackRecorder,
-) -> Callable[[web.Request], Awaitable[web.Response]]:
+def _metrics_route(registry: CollectorRegistry) -> Route:
+    def metrics(request: Request, connection: HttpConnection) -> Reply:
+        # Prometheus text by default; OpenMetrics when the scraper asks for it.
+        encoder, content_type = choose_encoder(header(request, b"accept"))
+        return Reply(200, encoder(registry), content_type.encode())
+
+    return metrics
+
+
+def _healthz(request: Request, connection: HttpConnection) -> Reply:
+    return json_reply({"status": "alive"})
+
+
+def _readyz_route(readiness: ReadinessCheck) -> Route:
+    def readyz(request: Request, connection: HttpConnection) -> Reply:
+        ready, reason = readiness()
+        if ready:
+            return json_reply({"status": "ready", "reason": reason})
+        return json_reply({"status": "not ready", "reason": reason}, status=503)
+
+    return readyz
+
+
+def _feedback_route(feedback: FeedbackRecorder) -> Route:
     """POST /feedback: bearer token (when configured), then one item or a list of items."""
     expected = f"Bearer {feedback.token}".encode() if feedback.token else None
 
-    async def handle(request: web.Request) -> web.Response:
-        given = request.headers.get("Authorization", "").encode()
+    async def handle(request: Request, connection: HttpConnection) -> Reply:
+        given = header(request, b"authorization").encode("latin-1")
         if expected is not None and not hmac.compare_digest(given, expected):
             reason = {"error": "a bearer token is required and this one is missing or wrong"}
-            headers = {"WWW-Authenticate": 'Bearer realm="sidecar-feedback"'}
-            return web.json_response(reason, status=401, headers=headers)
+            challenge = ((b"WWW-Authenticate", b'Bearer realm="sidecar-feedback"'),)
+            return json_reply(reason, status=401, headers=challenge)
         try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            reason = {"error": f"body over {FEEDBACK_MAX_BYTES} bytes"}
-            return web.json_response(reason, status=413)
+            body = await read_body(request, connection, FEEDBACK_MAX_BYTES)
+        except BodyTooLarge:
+            return json_reply({"error": f"body over {FEEDBACK_MAX_BYTES} bytes"}, status=413)
+        except BodyUndecodable as exc:
+            return json_reply({"error": str(exc)}, status=400)
         try:
-            return web.json_response(await feedback.apply(parse_feedback(body)))
+            return json_reply(await feedback.apply(parse_feedback(body)))
         except FeedbackError as exc:
-            return web.json_response({"error": exc.reason}, status=exc.status)
+            return json_reply({"error": exc.reason}, status=exc.status)
 
     return handle
 
@@ -47,50 +82,31 @@ def make_admin_app(
     readiness: ReadinessCheck,
     *,
     feedback: FeedbackRecorder | None = None,
-) -> web.Application:
-    """Build the admin application around an injected registry and readiness check; with a
-    feedback recorder it also takes labels on POST /feedback."""
-
-    async def metrics(request: web.Request) -> web.Response:
-        # Prometheus text by default; OpenMetrics when the scraper asks for it.
-        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        response = web.Response(body=encoder(registry))
-        response.headers["Content-Type"] = content_type
-        return response
-
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "alive"})
-
-    async def readyz(request: web.Request) -> web.Response:
-        ready, reason = readiness()
-        if ready:
-            return web.json_response({"status": "ready", "reason": reason})
-        return web.json_response({"status": "not ready", "reason": reason}, status=503)
-
-    app = web.Application(client_max_size=FEEDBACK_MAX_BYTES)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+) -> Router:
+    """Build the admin routes around an injected registry and readiness check; with a
+    feedback recorder they also take labels on POST /feedback."""
+    router = Router()
+    router.add("GET", "/metrics", _metrics_route(registry))
+    router.add("GET", "/healthz", _healthz)
+    router.add("GET", "/readyz", _readyz_route(readiness))
     if feedback is not None:
-        app.router.add_post("/feedback", _feedback_handler(feedback))
-    return app
+        router.add("POST", "/feedback", _feedback_route(feedback))
+    return router
 
 
 class AdminServer:
-    """Serves an admin application: `await start(host, port)` binds (0 = ephemeral), `address`
+    """Serves the admin routes: `await start(host, port)` binds (0 = ephemeral), `address`
     then says where; `await stop()` closes."""
 
-    def __init__(self, app: web.Application) -> None:
-        self._runner = web.AppRunner(app, access_log=None)
+    def __init__(self, app: Handler) -> None:
+        self._server = Http1Server(app, whole_body_limit=WHOLE_BODY_LIMIT)
 
     async def start(self, host: str, port: int) -> None:
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
+        await self._server.start(host, port)
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self._runner.addresses[0][:2]
-        return str(host), int(port)
+        return self._server.address
 
     async def stop(self) -> None:
-        await self._runner.cleanup()
+        await self._server.stop(STOP_TIMEOUT)

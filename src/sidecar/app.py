@@ -18,10 +18,10 @@ from prometheus_client.process_collector import ProcessCollector
 
 from sidecar.admin import AdminServer, make_admin_app
 from sidecar.config import Config, ConfigError
+from sidecar.drift.profile import load as load_profile
 from sidecar.extract.compile import build_readers
 from sidecar.extract.presets import PRESETS
 from sidecar.pipeline import Pipeline
-from sidecar.profile import load as load_profile
 from sidecar.proxy.http1 import Http1Server
 from sidecar.proxy.pool import UpstreamHealth, UpstreamPool
 from sidecar.proxy.server import ProxyHandler
@@ -38,16 +38,25 @@ def build_routes(config: Config) -> RouteTable:
 
 def _configured_routes(config: Config) -> Iterator[Route]:
     for route in config.routes:
-        if route.preset or route.mapping:
-            extractor, batch = build_readers(route.preset, route.mapping)
-            yield Route(route.name, route.method.upper(), route.path, extractor, batch)
-        else:
+        if not (route.preset or route.mapping):
             yield Route(route.name, route.method.upper(), route.path)
+            continue
+        extractor, batch = build_readers(route.preset, route.mapping)
+        generative = route.preset is not None and PRESETS[route.preset].generative
+        inject = config.inject_usage if route.inject_usage is None else route.inject_usage
+        yield Route(
+            route.name, route.method.upper(), route.path, extractor, batch,
+            generative=generative, inject_usage=generative and inject,
+        )  # fmt: skip
     if config.preset is not None:
         preset = PRESETS[config.preset]
         extractor, batch = build_readers(config.preset, config.mapping)
+        inject = preset.generative and config.inject_usage
         for preset_route in preset.routes:
-            yield Route(preset_route.name, preset_route.method, preset_route.path, extractor, batch)
+            yield Route(
+                preset_route.name, preset_route.method, preset_route.path, extractor, batch,
+                generative=preset.generative, inject_usage=inject,
+            )  # fmt: skip
 
 
 def health_url(config: Config) -> str:

@@ -6,8 +6,6 @@ or usage)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import functools
 import logging
 import sys
@@ -17,11 +15,15 @@ from typing import Any
 
 import uvloop
 
-from sidecar import __version__, loadtest_cli, logs, profile_cli
+from sidecar import __version__, logs
 from sidecar.config import Config, ConfigError, load
+from sidecar.demo import cli as demo_cli
+from sidecar.drift import cli as profile_cli
+from sidecar.drift.profile import ProfileError
+from sidecar.drift.profile import load as load_profile
+from sidecar.extract.presets import PRESETS
+from sidecar.loadtest import cli as loadtest_cli
 from sidecar.memory import freeze_startup, pin_mmap_threshold
-from sidecar.profile import ProfileError
-from sidecar.profile import load as load_profile
 
 log = logging.getLogger("sidecar")
 
@@ -32,7 +34,7 @@ SERVE_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("port", int, "proxy port: clients send model traffic here (default 8080; 0 = any free)"),
     ("metrics_host", str, "address of the admin port (default: same as --host)"),
     ("metrics_port", int, "admin port with /metrics, /healthz, /readyz (default 8081)"),
-    ("preset", str, "protocol preset: mlflow, kserve-v1, open-inference-v2, seldon-v1, torchserve"),
+    ("preset", str, "protocol preset: " + ", ".join(PRESETS)),
     ("model_name", str, "model_name label when the path does not carry one (default 'model')"),
     ("model_version", str, "model_version label (default 'unknown')"),
     ("upstream_timeout", float, "seconds to wait for upstream bytes before 504 (default 60)"),
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
             "flags win over the environment, which wins over the file."
         ),
     )
+    serve.set_defaults(handler=_serve)
     serve.add_argument("--config", "-c", metavar="FILE", help="YAML config file")
     # How a --workers supervisor starts its workers (sidecar.workers); not for people.
     serve.add_argument("--worker-dir", type=Path, help=argparse.SUPPRESS)
@@ -92,53 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", metavar="FILE")
 
-    demo = commands.add_parser(
-        "demo",
-        help="run a bundled toy model with the sidecar in front and send it traffic",
-        description=(
-            "Start an iris model server (a real MLServer with --mlserver, else the bundled toy "
-            "model), put the sidecar in front of it, send traffic, print a metrics excerpt, "
-            "then keep serving until Ctrl-C or SIGTERM, which stop everything it started."
-        ),
-    )
-    demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
-    demo.add_argument("--metrics-port", type=int, default=8081, help="admin port (default 8081)")
-    demo.add_argument("--requests", type=int, default=200, help="requests to send (default 200)")
-    demo.add_argument(
-        "--once", action="store_true", help="exit after the traffic instead of serving"
-    )
-    demo.add_argument(
-        "--mlserver",
-        type=Path,
-        metavar="PATH",
-        help="the `mlserver` script of a venv with mlserver-sklearn (scripts/install-mlserver "
-        "makes one): serve a real MLServer iris model instead of the bundled toy model",
-    )
-
+    check.set_defaults(handler=_check_config)
+    # Each capability adds its own commands.
     profile_cli.register(commands)
     loadtest_cli.register(commands)
+    demo_cli.register(commands)
 
-    model = commands.add_parser(
-        "demo-model",
-        help="run only the bundled toy iris model server (KServe V1 and V2 protocols)",
-    )
-    model.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    model.add_argument("--port", type=int, default=9000, help="listen port (default 9000)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {
-        "serve": _serve,
-        "check-config": _check_config,
-        "demo": _demo,
-        "demo-model": _demo_model,
-        "profile": profile_cli.run,
-        "loadtest": loadtest_cli.run_command,
-    }
+    handler: Callable[[argparse.Namespace], int] = args.handler  # set by each command's parser
     try:
-        return handlers[args.command](args)
+        return handler(args)
     except (ConfigError, ProfileError) as exc:
         print(f"sidecar: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -172,7 +142,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _supervise(config: Config, reload: Callable[[], Config] | None, watch: Path | None) -> int:
-    from sidecar.workers import Supervisor, WorkersFailed
+    from sidecar.workers.supervisor import Supervisor, WorkersFailed
 
     if config.drift.profile is not None:
         load_profile(config.drift.profile)  # a bad profile exits 2 here, before any worker runs
@@ -185,7 +155,7 @@ def _supervise(config: Config, reload: Callable[[], Config] | None, watch: Path 
 
 
 def _serve_worker(directory: Path) -> int:
-    from sidecar.workers import read_worker_config, serve_worker
+    from sidecar.workers.supervisor import read_worker_config, serve_worker
 
     config = read_worker_config(directory)
     logs.configure(config.log_level)
@@ -211,33 +181,4 @@ def _check_config(args: argparse.Namespace) -> int:
         f"admin port {config.metrics_port}{workers}"
     )
     print(f"  routes: {routes or 'none (every request is counted under route=other)'}")
-    return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    logs.configure("warning")
-    from sidecar.demo import run_demo, until_signalled
-
-    # Ctrl-C before until_signalled is in place surfaces as KeyboardInterrupt: nothing started yet.
-    with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(
-            until_signalled(
-                run_demo(
-                    port=args.port,
-                    metrics_port=args.metrics_port,
-                    requests=args.requests,
-                    once=args.once,
-                    mlserver=args.mlserver,
-                )
-            )
-        )
-    return 0
-
-
-def _demo_model(args: argparse.Namespace) -> int:
-    logs.configure("info")
-    from sidecar.demo import serve_model, until_signalled
-
-    with contextlib.suppress(KeyboardInterrupt):  # as in _demo
-        asyncio.run(until_signalled(serve_model(args.host, args.port)))
     return 0

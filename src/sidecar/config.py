@@ -16,11 +16,11 @@ from urllib.parse import urlsplit
 
 import msgspec
 import msgspec.inspect
-import yaml
 
+from sidecar.drift.settings import DriftSettings
 from sidecar.extract.presets import PRESETS
 from sidecar.extract.spec import MappingSpec
-from sidecar.recorders.drift import DriftSettings
+from sidecar.feedback.settings import FeedbackSettings
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -40,7 +40,7 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     method: str = "*"
     preset: str | None = None
     mapping: MappingSpec | None = None
-    inject_usage: bool | None = None  # openai preset only; None: the top-level inject_usage
+    inject_usage: bool | None = None  # generative presets only; None: the top-level one
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
@@ -50,9 +50,9 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
             msg = f"method {self.method!r} is not one of {sorted(HTTP_METHODS)}"
             raise ValueError(msg)
         _check_preset(self.preset)
-        _check_openai(self.preset, self.mapping)
-        if self.inject_usage and self.preset != "openai":
-            msg = "inject_usage applies to routes with preset openai only"
+        _check_generative_mapping(self.preset, self.mapping)
+        if self.inject_usage and not _generative(self.preset):
+            msg = f"inject_usage applies to routes with preset {_GENERATIVE} only"
             raise ValueError(msg)
 
 
@@ -62,41 +62,6 @@ class FeatureRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     min: float = -math.inf
     max: float = math.inf
     type: Literal["numeric", "categorical"] = "numeric"
-
-
-class FeedbackSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Prediction log, `POST /feedback` and the metrics from labels (docs/ground-truth.md).
-
-    `store` is off by default, so a sidecar without a writable disk runs as before; a store that
-    cannot be opened is logged and /feedback answers 503, the proxy keeps serving.
-    """
-
-    store: str | None = None  # SQLite file (WAL); None keeps no predictions
-    max_rows: int = 1_000_000
-    max_age_seconds: float = 7 * 24 * 3600.0
-    sample_rate: float = 1.0  # share of requests logged, chosen by a hash of the request id
-    log_features: bool = True  # False keeps features out of the store and the JSON Lines
-    jsonl: str | None = None  # JSON Lines file, or "-" for stdout
-    token: str | None = None  # bearer token for /feedback; also SIDECAR_FEEDBACK_TOKEN
-    window_rows: tuple[int, ...] = (1000,)
-    window_seconds: tuple[float, ...] = (3600.0,)
-    segment: str | None = None  # a low-cardinality feature to break the label metrics down by
-    class_names: tuple[str, ...] | None = None  # index -> class for labels; default: mapping's
-    queue_rows: int = 100_000  # rows waiting for the writer; beyond it they are dropped
-    refresh_seconds: float = 10.0  # how often the windowed gauges are recomputed
-
-    def __post_init__(self) -> None:
-        positive = {"max_rows": self.max_rows, "max_age_seconds": self.max_age_seconds}
-        positive |= {"queue_rows": self.queue_rows, "refresh_seconds": self.refresh_seconds}
-        positive |= {"window_rows": min(self.window_rows, default=1)}
-        positive |= {"window_seconds": min(self.window_seconds, default=1)}
-        for key, value in positive.items():
-            if value <= 0:
-                msg = f"{key} must be positive, got {value}"
-                raise ValueError(msg)
-        if not 0.0 <= self.sample_rate <= 1.0:
-            msg = f"sample_rate must be within [0, 1], got {self.sample_rate}"
-            raise ValueError(msg)
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -139,9 +104,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     def __post_init__(self) -> None:
         _check_upstream(self.upstream)
         _check_preset(self.preset)
-        _check_openai(self.preset, self.mapping)
-        if self.inject_usage and "openai" not in {self.preset, *(r.preset for r in self.routes)}:
-            msg = "inject_usage is set, but no route uses the openai preset"
+        _check_generative_mapping(self.preset, self.mapping)
+        presets = (self.preset, *(route.preset for route in self.routes))
+        if self.inject_usage and not any(map(_generative, presets)):
+            msg = f"inject_usage is set, but no route uses the {_GENERATIVE} preset"
             raise ValueError(msg)
         for key in ("port", "metrics_port"):
             value = getattr(self, key)
@@ -210,13 +176,21 @@ def _check_preset(preset: str | None) -> None:
         raise ValueError(msg)
 
 
-def _check_openai(preset: str | None, mapping: MappingSpec | None) -> None:
-    """The openai preset reads its payloads itself: a mapping may only name request fields."""
-    if preset != "openai" or mapping is None:
+# The generative presets' names, for messages: "openai", or "a or b".
+_GENERATIVE = " or ".join(sorted(name for name, preset in PRESETS.items() if preset.generative))
+
+
+def _generative(preset: str | None) -> bool:
+    return preset is not None and preset in PRESETS and PRESETS[preset].generative
+
+
+def _check_generative_mapping(preset: str | None, mapping: MappingSpec | None) -> None:
+    """A generative preset reads its payloads itself: a mapping may only name request fields."""
+    if not _generative(preset) or mapping is None:
         return
     if mapping.expressions() or mapping.class_names is not None:
         msg = (
-            "the openai preset takes only feature_names from mapping (the request fields to "
+            f"the {preset} preset takes only feature_names from mapping (the request fields to "
             "record as features, e.g. [model, temperature])"
         )
         raise ValueError(msg)
@@ -281,6 +255,8 @@ def _read_file(path: Path) -> dict[str, Any]:
     except OSError as exc:
         msg = f"cannot read config file {path}: {exc.strerror or exc}"
         raise ConfigError(msg) from exc
+    import yaml  # here: PyYAML stays out of a process started without a file (~1 MB)
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -20,16 +20,15 @@ from prometheus_client.registry import Collector
 
 from sidecar import __version__
 from sidecar.config import Config
+from sidecar.drift.profile import Profile, content_hash
+from sidecar.drift.recorder import DriftRecorder
 from sidecar.exchange import Exchange
 from sidecar.extract import sliced
 from sidecar.extract.batch import Merged
-from sidecar.extract.presets import PRESETS
 from sidecar.extract.types import Extraction, Message
+from sidecar.feedback.recorder import FeedbackRecorder
 from sidecar.logs import RateLimitedLog
 from sidecar.memory import young_collections_only
-from sidecar.profile import Profile, content_hash
-from sidecar.recorders.drift import DriftRecorder
-from sidecar.recorders.feedback import FeedbackRecorder
 from sidecar.recorders.labels import OTHER, LabelCap, OverflowCounter
 from sidecar.recorders.llm import LlmRecorder
 from sidecar.recorders.outputs import OutputRecorder
@@ -66,7 +65,7 @@ class Ticket:
     model: tuple[str, str]
     in_flight: Callable[[float], None]  # adds to the model's in-flight gauge
     capture_bodies: bool
-    llm: bool = False  # an openai-preset route: streams cut short are counted
+    llm: bool = False  # a generative route: streams cut short are counted
     inject_usage: bool = False  # the proxy asks for stream usage and hides it (docs/llm.md)
 
 
@@ -99,7 +98,6 @@ class Pipeline:
         )
         self._model_versions = LabelCap("model_version", limit=config.label_cap, overflow=overflow)
         self._llm = LlmRecorder(registry, overflow=overflow, label_cap=config.label_cap)
-        self._llm_routes = _llm_routes(config)
         self._tickets: dict[tuple[Route, tuple[str, str]], Ticket] = {}  # Tickets are immutable
         self._by_path: dict[tuple[str, str], Ticket] = {}  # begin()'s memory, see _ticket()
         self._dropped = Counter(
@@ -138,7 +136,6 @@ class Pipeline:
         """
         self._config = config
         self._routes = routes
-        self._llm_routes = _llm_routes(config)
         self._tickets = {}
         self._by_path = {}
         self._outputs.low_confidence_threshold = config.low_confidence_threshold
@@ -162,14 +159,13 @@ class Pipeline:
         model = self._model_labels(params)
         ticket = self._tickets.get((route, model))
         if ticket is None:  # bounded: routes times capped model labels
-            inject = self._llm_routes.get((route.name, route.template))  # None: not an LLM route
             ticket = self._tickets[(route, model)] = Ticket(
                 route,
                 model,
                 self._red.in_flight(model),
                 capture_bodies=route.extractor is not None,
-                llm=inject is not None,
-                inject_usage=bool(inject),
+                llm=route.generative,
+                inject_usage=route.inject_usage,
             )
         # A label folded into __other__ is counted as an overflow on every request: not cached.
         if OTHER not in model:
@@ -426,19 +422,6 @@ class Pipeline:
             self._model_names.fold(name) if name else self._config.model_name,
             self._model_versions.fold(version) if version else self._config.model_version,
         )
-
-
-def _llm_routes(config: Config) -> dict[tuple[str, str], bool]:
-    """(route name, path template) of every openai-preset route -> its inject_usage."""
-    found: dict[tuple[str, str], bool] = {}
-    for route in config.routes:
-        if route.preset == "openai":
-            inject = config.inject_usage if route.inject_usage is None else route.inject_usage
-            found[(route.name, route.path)] = inject
-    if config.preset == "openai":
-        for preset_route in PRESETS["openai"].routes:
-            found.setdefault((preset_route.name, preset_route.path), config.inject_usage)
-    return found
 
 
 def _messages(exchange: Exchange) -> tuple[Message, Message] | None:

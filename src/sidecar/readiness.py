@@ -6,9 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
+from urllib.parse import urljoin, urlsplit
 
-import aiohttp
 from prometheus_client import Gauge
+
+from sidecar import __version__
+from sidecar.proxy.pool import UpstreamPool
+from sidecar.proxy.upstream import UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +22,9 @@ log = logging.getLogger(__name__)
 # of a server that is down costs a refused connection, and one that hangs waits its timeout
 # before the next starts (one probe at a time).
 RECHECK = 1.0
+MAX_REDIRECTS = 10  # followed on the upstream's own host and port, as aiohttp's client did
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_HEADERS = [(b"User-Agent", f"sidecar/{__version__} readiness".encode()), (b"Accept", b"*/*")]
 
 
 class UpstreamProbe:
@@ -44,10 +52,10 @@ class UpstreamProbe:
         lenient: bool = False,
     ) -> None:
         self._lenient = lenient
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None
         self._url = url
         self._interval = interval
-        self._timeout = aiohttp.ClientTimeout(total=min(interval, 5.0))
+        self._timeout = min(interval, 5.0)  # for a whole probe: connect, redirects, every byte
         self._up = up
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()  # probe now, rather than when the interval is over
@@ -70,7 +78,16 @@ class UpstreamProbe:
 
     async def start(self) -> None:
         """Probe once (so readiness is known when serving starts), then keep probing."""
-        self._session = aiohttp.ClientSession()
+        # A pool of its own, not the proxy's: the probe's failures must not count as traffic's.
+        target = urlsplit(self._url)
+        tls = target.scheme == "https"
+        self._pool = UpstreamPool(
+            target.hostname or "127.0.0.1",
+            target.port or (443 if tls else 80),
+            tls=tls,
+            connect_timeout=self._timeout,
+            read_timeout=self._timeout,
+        )
         await self.probe()
         self._task = asyncio.create_task(self._loop(), name="upstream-probe")
 
@@ -79,25 +96,47 @@ class UpstreamProbe:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            await self._pool.close()
 
     async def probe(self) -> None:
-        assert self._session is not None, "start() opens the session"
         signals = self._signals
         unreachable = None
         try:
-            async with self._session.get(self._url, timeout=self._timeout) as response:
-                await response.read()
-                ready = response.status < 500 if self._lenient else 200 <= response.status < 300
-                self._answer = ready, f"{self._url} answered {response.status}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            async with asyncio.timeout(self._timeout):
+                status = await self._get()
+            ready = status < 500 if self._lenient else 200 <= status < 300
+            self._answer = ready, f"{self._url} answered {status}"
+        except (UpstreamError, TimeoutError) as exc:
             unreachable = f"{self._url} unreachable: {type(exc).__name__} {exc}".strip()
         # A proxy signal that came while the probe ran is fresher than what the probe's
         # connection saw; the signal also asked for the probe that follows this one.
         if signals == self._signals:
             self._unreachable = unreachable
         self._publish()
+
+    async def _get(self) -> int:
+        """GET the health URL, following redirects on the same host and port; the status of the
+        last answer. Each body is read to its end, so that the connection can be reused."""
+        assert self._pool is not None, "start() opens the pool"
+        url = self._url
+        for _ in range(MAX_REDIRECTS + 1):
+            target = urlsplit(url)
+            path = (target.path or "/") + (f"?{target.query}" if target.query else "")
+            response = await self._pool.request("GET", path.encode(), _HEADERS, None)
+            try:
+                while await response.read():
+                    pass
+            finally:
+                response.release()
+            location = _location(response.raw_headers) if response.status in _REDIRECTS else None
+            if location is None:
+                break
+            following = urljoin(url, location)
+            if urlsplit(following)[:2] != target[:2]:
+                break  # another host: its status is the answer
+            url = following
+        return response.status
 
     def upstream_failed(self, reason: str) -> None:
         """Not ready at once, as the proxy's traffic says; and probe."""
@@ -131,3 +170,10 @@ class UpstreamProbe:
                     await self._wake.wait()
             self._wake.clear()
             await self.probe()
+
+
+def _location(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name.lower() == b"location":
+            return value.decode("latin-1")
+    return None

@@ -39,6 +39,8 @@ class Route:
     template: str
     extractor: Extractor | None = None
     batch: BatchReader | None = None  # reads many small exchanges at once, when the plan can
+    generative: bool = False  # an LLM route (a generative preset's): streams cut short count
+    inject_usage: bool = False  # the proxy asks its streams for usage and hides it (docs/llm.md)
     pattern: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -12,9 +12,8 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
+from types import MappingProxyType
 from typing import Any
-
-from multidict import CIMultiDict
 
 from sidecar.exchange import Exchange, ExchangeObserver
 from sidecar.proxy.headers import REQUEST_ID, HeaderView, RawHeaders, new_request_id, parse_length
@@ -34,7 +33,7 @@ _ID_CODEC = "latin-1"
 _PHRASES = {502: b"Bad Gateway", 504: b"Gateway Timeout"}
 
 
-_NO_HEADERS: Mapping[str, str] = CIMultiDict()
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 _MAX_ARRIVALS = 100_000  # timing entries kept per response; the body cap bounds the rest
 
 Body = bytes | AsyncIterator[bytes] | None

@@ -15,8 +15,8 @@ from typing import Final, NamedTuple
 
 import orjson
 
+from sidecar.extract.sse import Event, EventSplitter
 from sidecar.proxy.headers import RawHeaders
-from sidecar.sse import Event, EventSplitter
 
 __all__ = ["UsageFilter", "UsageRequest", "ask_for_usage", "usage_filter"]
 

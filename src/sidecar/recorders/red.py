@@ -106,12 +106,11 @@ class RedRecorder:
         self._per_route: dict[tuple[str, str, str], _RouteChildren] = {}
 
     def in_flight(self, model: tuple[str, str]) -> Callable[[float], None]:
-        """What adds to the model's in-flight gauge (the pipeline adds arrivals less ends at
-        each drain): the child's value store, as recorders.batch uses it. Gauge.inc() checks
-        its labels again on every call, half as much again as the update itself."""
+        """What adds to the model's in-flight gauge: the bound child's public `inc`. The pipeline
+        calls it once per route at each drain (arrivals less ends), not per request, so the
+        label check `Gauge.inc()` repeats (~0.1 µs) costs nothing worth reaching past it."""
         child: Gauge = self._in_progress.labels(*model)
-        add: Callable[[float], None] = child._value.inc
-        return add
+        return child.inc
 
     def record(self, model: tuple[str, str], route: str, exchange: Exchange) -> None:
         children = self._children(model, route)

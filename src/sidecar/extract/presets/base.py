@@ -25,9 +25,13 @@ class Preset:
     """A model-server protocol: its inference routes, its readiness path, and how to read it.
 
     `make_plan` is called once per route at build time with the names from the route's config.
+    A generative (LLM) protocol sets `generative`: its streams cut short are counted, its routes
+    may have the proxy ask for token usage (`inject_usage`, docs/llm.md), and it reads its own
+    payloads, so a mapping may name only request fields (`feature_names`).
     """
 
     name: str
     routes: tuple[PresetRoute, ...]
     health_path: str
     make_plan: Callable[[Vocabulary], Plan]
+    generative: bool = False

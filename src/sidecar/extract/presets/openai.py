@@ -25,6 +25,7 @@ from sidecar.extract.errors import BodyError
 from sidecar.extract.navigate import text
 from sidecar.extract.plan import Plan, Vocabulary
 from sidecar.extract.presets.base import Preset, PresetRoute
+from sidecar.extract.sse import split_events
 from sidecar.extract.tables import records_table
 from sidecar.extract.types import (
     ErrorType,
@@ -35,7 +36,6 @@ from sidecar.extract.types import (
     Message,
     Outputs,
 )
-from sidecar.sse import split_events
 
 __all__ = ["PRESET", "make_extractor"]
 
@@ -305,4 +305,5 @@ PRESET = Preset(
     ),
     health_path="/v1/models",
     make_plan=make_plan,
+    generative=True,
 )

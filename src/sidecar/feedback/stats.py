@@ -18,9 +18,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from sidecar.config import FeedbackSettings
+from sidecar.feedback.settings import FeedbackSettings
+from sidecar.feedback.store import MISSING_SEGMENT, Group, PredictionStore
 from sidecar.recorders.labels import OTHER
-from sidecar.recorders.predstore import MISSING_SEGMENT, Group, PredictionStore
 from sidecar.recorders.red import MODEL_LABELS
 
 __all__ = ["ClassScores", "WindowGauges", "classification_scores", "window_name"]

@@ -11,6 +11,8 @@ import msgspec
 import pyarrow as pa
 from tqdm import tqdm
 
+from sidecar.drift.profile import ProfileError
+
 __all__ = ["READERS", "Format", "ProfileError", "Reader", "format_of", "progress_bar"]
 
 LARGE_FILE = 16 * 1024 * 1024  # show progress bars from this size on
@@ -19,10 +21,6 @@ PARQUET_BATCH = 65_536  # rows per Parquet batch
 JSONL_CHUNK = 8 << 20  # bytes per JSON Lines batch (cut at a line end)
 
 Format = Literal["csv", "parquet", "jsonl"]
-
-
-class ProfileError(ValueError):
-    """A profile (or the data it is built from) is unusable; the message says where and why."""
 
 
 Reader = Callable[[Path, "tqdm[Any] | None"], Generator[tuple[int, dict[str, Any]]]]

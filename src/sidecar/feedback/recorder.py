@@ -35,10 +35,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from sidecar.config import Config
 from sidecar.extract.types import Extraction, FeatureTable, Outputs
+from sidecar.feedback.log import LogBusy, PendingPrediction, PredictionLog
+from sidecar.feedback.stats import WindowGauges
+from sidecar.feedback.store import MISSING_SEGMENT, PredictionStore, StoredRow
 from sidecar.recorders.labels import LabelCap, OverflowCounter
-from sidecar.recorders.labelstats import WindowGauges
-from sidecar.recorders.predlog import LogBusy, PendingPrediction, PredictionLog
-from sidecar.recorders.predstore import MISSING_SEGMENT, PredictionStore, StoredRow
 from sidecar.recorders.red import MODEL_LABELS
 
 __all__ = ["MAX_ITEMS", "FeedbackError", "FeedbackItem", "FeedbackRecorder", "parse_feedback"]

@@ -18,8 +18,8 @@ from typing import Literal, NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
-from sidecar import profile as profiles
-from sidecar import sketches as sk
+from sidecar.drift import profile as profiles
+from sidecar.drift import sketches as sk
 from sidecar.extract.types import FeatureTable, Outputs
 
 __all__ = [

@@ -21,6 +21,8 @@ from urllib.parse import quote
 
 import orjson
 
+from sidecar.extract.presets import PRESETS
+
 __all__ = [
     "MAX_ROWS",
     "SHAPES",
@@ -73,7 +75,7 @@ class Table:
 
 def generated_table(seed: int) -> Table:
     """Iris-like rows from the demo model's generator (a fixed pool, replayed like a file)."""
-    from sidecar.demo import FEATURES, sample_rows  # the toy model's module pulls in aiohttp
+    from sidecar.demo.model import FEATURES, sample_rows  # the toy model's module pulls in aiohttp
 
     rows = sample_rows(random.Random(seed), GENERATED_ROWS)
     # The generator yields numpy floats; plain floats serialise (orjson) and print the same.
@@ -220,10 +222,9 @@ def _change(drift: Drift, table: Table) -> tuple[Callable[[float], float], str]:
 
 @dataclass(frozen=True, slots=True)
 class Shape:
-    """How one protocol carries rows: the path (`{model}` is filled in), the body, and whether
-    it can carry text columns (named columns in the body) or numbers only."""
+    """How one protocol's request body carries rows, and whether it can carry text columns
+    (named columns in the body) or numbers only. The path is the preset's first route."""
 
-    path: str
     body: Callable[[list[Row], tuple[str, ...]], Any]
     strings: bool
 
@@ -237,26 +238,19 @@ def _v2(rows: list[Row], columns: tuple[str, ...]) -> Any:
 
 SHAPES: Final[Mapping[str, Shape]] = MappingProxyType(
     {
-        "kserve-v1": Shape("/v1/models/{model}:predict", lambda r, c: {"instances": r}, False),
-        "open-inference-v2": Shape("/v2/models/{model}/infer", _v2, False),
-        "mlflow": Shape(
-            "/invocations",
-            lambda r, c: {"dataframe_split": {"columns": list(c), "data": r}},
-            True,
-        ),
-        "torchserve": Shape("/predictions/{model}", lambda r, c: {"instances": r}, False),
-        "seldon-v1": Shape(
-            "/api/v1.0/predictions",
-            lambda r, c: {"data": {"names": list(c), "ndarray": r}},
-            True,
-        ),
+        "kserve-v1": Shape(lambda r, c: {"instances": r}, False),
+        "open-inference-v2": Shape(_v2, False),
+        "mlflow": Shape(lambda r, c: {"dataframe_split": {"columns": list(c), "data": r}}, True),
+        "torchserve": Shape(lambda r, c: {"instances": r}, False),
+        "seldon-v1": Shape(lambda r, c: {"data": {"names": list(c), "ndarray": r}}, True),
     }
 )
 
 
 def request_path(preset: str, model: str) -> str:
-    """The inference path of `preset` for `model`, e.g. /v1/models/iris:predict."""
-    return SHAPES[preset].path.format(model=quote(model, safe=""))
+    """The inference path of `preset` (its first route, from the registry) for `model`, e.g.
+    /v1/models/iris:predict."""
+    return PRESETS[preset].routes[0].path.format(model=quote(model, safe=""))
 
 
 class Bodies:

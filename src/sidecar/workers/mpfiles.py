@@ -6,6 +6,12 @@ each scrape, taking the type and the gauge mode from the name. Its `mark_process
 only a dead pid's live gauges, so every restart would leave files behind for good. retire()
 folds them instead into `<type>_retired.db` or `gauge_<mode>_retired.db`, which the collector
 reads like any process's file ("retired" stands where the pid would).
+
+Both the file layout above and `prometheus_client.mmap_dict.MmapedDict` (the file format: its
+constructor, `write_value(key, value, timestamp)`, `close()` and the static
+`read_all_values_from_file`, which yields (key, value, timestamp, position)) are prometheus_client
+internals. tests/test_prometheus_internals.py checks them against the installed version;
+pyproject.toml pins the versions it passed with.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ counters, a PIT histogram, reference fractions) and per-pod scores over an in-pr
 short locked add. `collect()` may run on the exposition thread: it copies the arrays under the lock
 and does the arithmetic outside it.
 
-Counting (per-feature specs, counts, windows, the payload adapters) is drift_counts.py; this module
-holds the settings, the scores, the recorder with its reference freezing, and the export.
+Counting (per-feature specs, counts, windows, the payload adapters) is drift/counts.py, the
+settings drift/settings.py; this module holds the scores, the recorder with its reference
+freezing, and the export.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import msgspec
 import numpy as np
@@ -29,10 +30,10 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from sidecar import profile as profiles
-from sidecar import sketches as sk
-from sidecar.extract.types import FeatureTable, Outputs
-from sidecar.recorders.drift_counts import (
+from sidecar.drift import profile as profiles
+from sidecar.drift import sketches as sk
+from sidecar.drift import summary
+from sidecar.drift.counts import (
     FLOOR_ROWS,
     WINDOW_SLOTS,
     Counts,
@@ -46,8 +47,10 @@ from sidecar.recorders.drift_counts import (
     output_rows,
     table_raws,
 )
+from sidecar.drift.settings import DriftSettings, Kind
+from sidecar.extract.types import FeatureTable, Outputs
 
-__all__ = ["DriftRecorder", "DriftSettings"]
+__all__ = ["DriftRecorder"]
 
 MODEL_LABELS = ("model_name", "model_version")
 NUMERIC_STATS = ("psi", "ks", "js", "linf", "wasserstein")
@@ -56,46 +59,6 @@ MAX_FEATURES = 256  # a reference frozen from traffic covers at most this many c
 # Small batches are counted together once this many rows are waiting (fewer with a count window:
 # at most one of its slots, so that the window still moves in tenths of its size).
 POOL_ROWS = 2048
-
-Kind = Literal["numeric", "categorical"]
-
-
-class DriftSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """The drift section of the config. Sizes are rows for a count window, seconds for time."""
-
-    profile: str | None = None  # reference profile JSON; without one the first rows become it
-    window: Literal["count", "time"] = "count"
-    window_size: float | None = None  # default: 5000 rows, or 3600 s
-    min_window: int = 500  # judge no window with fewer rows
-    freeze_after: int = 1000  # rows that become the reference when there is no profile
-    psi_warning: float = 0.1
-    psi_critical: float = 0.25
-    ks_warning: float = 0.1
-    ks_critical: float = 0.15
-    dataset_drift_share: float = 0.5
-    noise_alpha: float = 0.01  # no-drift false-alarm rate the noise floors allow per statistic
-    feature_types: dict[str, Kind] = msgspec.field(default_factory=dict)  # for a frozen reference
-
-    def __post_init__(self) -> None:
-        checks = {
-            "window_size must be positive": self.window_size is None or self.window_size > 0,
-            "min_window must be at least 1": self.min_window >= 1,
-            "freeze_after must be at least 1": self.freeze_after >= 1,
-            "need 0 < psi_warning <= psi_critical": 0 < self.psi_warning <= self.psi_critical,
-            "need 0 < ks_warning <= ks_critical": 0 < self.ks_warning <= self.ks_critical,
-            "dataset_drift_share must be in (0, 1]": 0 < self.dataset_drift_share <= 1,
-            "noise_alpha must be in (0, 1)": 0 < self.noise_alpha < 1,
-        }
-        for problem, ok in checks.items():
-            if not ok:
-                raise ValueError(problem)
-
-    @property
-    def window_length(self) -> float:
-        if self.window_size is not None:
-            return self.window_size
-        return 5000.0 if self.window == "count" else 3600.0
-
 
 # --- scores -------------------------------------------------------------------------------------
 
@@ -343,8 +306,8 @@ class DriftRecorder(Collector):
             for n, columns in side.pending
         ]
         specs = [(name, kinds[name]) for name in _names(side.pending) if name in kinds]
-        built = profiles.build_from_batches(
-            lambda: batches, specs, sample_size=max(profiles.SAMPLE_SIZE, side.pending_rows)
+        built = summary.build_from_batches(
+            lambda: batches, specs, sample_size=max(summary.SAMPLE_SIZE, side.pending_rows)
         )
         group = Group(
             built.features, self._settings.window, self._settings.window_length, self._rng
@@ -483,16 +446,16 @@ _PIT_LE = tuple(repr(le) for le in sk.PIT_BUCKETS)  # "0.05" ... "1.0", as clien
 # --- freezing a reference from traffic ----------------------------------------------------------
 
 
-def _column(raw: Raw, kind: Kind) -> profiles.Column:
+def _column(raw: Raw, kind: Kind) -> summary.Column:
     """A raw column as the profile builder wants it (only when freezing: this formats numbers)."""
     if kind == "numeric":
-        return profiles.NumericColumn(np.where(raw.missing, np.nan, raw.values), raw.missing.copy())
+        return summary.NumericColumn(np.where(raw.missing, np.nan, raw.values), raw.missing.copy())
     labels = np.full(raw.values.size, "", dtype=object)
     numbers = ~raw.missing & ~np.isnan(raw.values)
     labels[numbers] = sk.number_labels(raw.values[numbers])
     if raw.text is not None and raw.is_text is not None:
         labels[raw.is_text] = raw.text[raw.is_text].astype(str)
-    return profiles.CategoricalColumn(labels.astype(str), raw.missing.copy())
+    return summary.CategoricalColumn(labels.astype(str), raw.missing.copy())
 
 
 def _names(pending: Iterable[tuple[int, dict[str, Raw]]]) -> Iterator[str]:

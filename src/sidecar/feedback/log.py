@@ -25,10 +25,10 @@ import orjson
 from numpy.typing import NDArray
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from sidecar.config import FeedbackSettings
 from sidecar.extract.types import FeatureTable, Outputs
+from sidecar.feedback.settings import FeedbackSettings
+from sidecar.feedback.store import MISSING_SEGMENT, LoggedRow, PredictionStore
 from sidecar.logs import RateLimitedLog
-from sidecar.recorders.predstore import MISSING_SEGMENT, LoggedRow, PredictionStore
 
 __all__ = ["LogBusy", "PendingPrediction", "PredictionLog", "expand"]
 

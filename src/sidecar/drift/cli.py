@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 
-from sidecar import profile as profiles
+from sidecar.drift import profile as profiles
 
-__all__ = ["register", "run"]
-
-Handler = Callable[[argparse.Namespace], int]
+__all__ = ["register"]
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `profile build` and `profile show`. Dispatch with `run(args)` (or `args.handler`)."""
+    """Add `profile build` and `profile show`; argparse sets `handler` to the one chosen."""
     profile = subparsers.add_parser(
         "profile",
         help="build or show a reference profile for drift detection",
@@ -65,15 +62,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     show.set_defaults(handler=_show)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the profile sub-command that argparse selected."""
-    handler: Handler = args.handler
-    return handler(args)
-
-
 def _build(args: argparse.Namespace) -> int:
+    # Imported here: pyarrow and tqdm are for this command alone, not for `sidecar serve`.
+    from sidecar.drift import build as builder
+
     try:
-        profile = profiles.build(
+        profile = builder.build(
             args.data,
             categorical=args.categorical,
             numeric=args.numeric,

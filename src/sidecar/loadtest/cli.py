@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 
-from sidecar.loadgen import (
+from sidecar.loadtest.bodies import (
     SHAPES,
     Bodies,
     DataError,
@@ -29,7 +29,7 @@ from sidecar.loadgen import (
 )
 
 if TYPE_CHECKING:
-    from sidecar.loadtest import Plan, Progress, TargetReport
+    from sidecar.loadtest.engine import Plan, Progress, TargetReport
 
 __all__ = ["format_table", "register", "to_json"]
 
@@ -138,7 +138,8 @@ _FLAGS: Final[tuple[tuple[tuple[str, ...], dict[str, Any]], ...]] = (
     (("--requests",), {"type": _positive(int, "requests"), "metavar": "N",
                        "help": "requests per target (with --duration: whichever ends first)"}),
     (("--preset",), {"choices": sorted(SHAPES), "default": "kserve-v1",
-                     "help": "protocol: decides the path and body shape (default kserve-v1)"}),
+                     "help": "protocol: decides the path (the preset's first route) and body "
+                     "shape (default kserve-v1); the presets that carry rows of features"}),
     (("--data",), {"type": Path, "metavar": "FILE",
                    "help": "rows to replay: .csv with a header, or .jsonl objects (default: "
                    "generated iris rows)"}),
@@ -205,7 +206,7 @@ def build(args: argparse.Namespace) -> Setup:
     drifted, notes = apply_drifts(table, args.drift) if args.drift else (None, [])
     drift_after, drift_from = _drift_point(args) if args.drift else (None, None)
     path = request_path(args.preset, args.model)
-    from sidecar.loadtest import Plan  # aiohttp and numpy: imported when a run starts
+    from sidecar.loadtest.engine import Plan  # aiohttp and numpy: imported when a run starts
 
     plan = Plan(
         urls=tuple(base + path for base in (args.url, args.compare) if base),
@@ -279,7 +280,7 @@ def _drift_point(args: argparse.Namespace) -> tuple[float | None, int | None]:
 
 
 async def _drive(setup: Setup, progress: Callable[[Progress], None]) -> list[TargetReport]:
-    from sidecar.loadtest import run
+    from sidecar.loadtest.engine import run
 
     # Ctrl-C ends the run early but still prints the table (in-flight requests are abandoned).
     stop = asyncio.Event()
