@@ -56,6 +56,9 @@ PINNED: dict[str, dict[str, str]] = {
     # sidecar_dropped_observations_total
     "reason": {
         "queue_full": _QUEUE,
+        "large_body_queue_full": (
+            "test_big_bodies.py::test_large_payloads_beyond_the_queue_are_dropped_and_counted"
+        ),
         "body_too_large": "test_pipeline.py::test_body_over_parse_limit_passes_unparsed",
     },
     # ml_feedback_total
@@ -196,7 +199,7 @@ def test_the_deploy_files_match_on_the_values_this_file_knows() -> None:
     """The extraction finds what the rules do match on (so that an empty result cannot pass)."""
     matched = used()
     assert ("error_type", "=~", "upstream_.*") in matched
-    assert ("reason", "=", "queue_full") in matched
+    assert ("reason", "=~", "queue_full|large_body_queue_full") in matched
     assert ("result", "=~", "matched|duplicate") in matched
 
 
