@@ -28,3 +28,16 @@ wait_port() { # port: until something listens
   done
   echo "nothing listens on port $1" >&2; exit 1
 }
+
+build_profile() { # features: training and traffic CSVs of normal columns, and a profile of them
+  "$PY" - "$WORK/train.csv" "$WORK/traffic.csv" "$1" <<'PYEOF'
+import sys
+import numpy as np
+train, traffic, width = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rng = np.random.default_rng(0)
+header = ",".join(f"f{j}" for j in range(width))
+for path, rows in ((train, 50_000), (traffic, 20_000)):
+    np.savetxt(path, rng.normal(size=(rows, width)).round(4), delimiter=",", header=header, comments="")
+PYEOF
+  "$SIDECAR" profile build "$WORK/train.csv" -o "$WORK/profile.json" --quiet
+}

@@ -13,16 +13,7 @@ SETTLE=${SETTLE:-4}  # seconds after the port opens before idle RSS is read
 IDLE_TARGET=60; LOAD_TARGET=75; WORKER_TARGET=60  # MiB, from the "Layout and footprint" issue
 export SIDECAR_SHUTDOWN_DELAY=0  # no load balancer to wait for: SIGTERM stops at once
 
-"$PY" - "$WORK/train.csv" "$WORK/traffic.csv" "$FEATURES" <<'PYEOF'
-import sys
-import numpy as np
-train, traffic, width = sys.argv[1], sys.argv[2], int(sys.argv[3])
-rng = np.random.default_rng(0)
-header = ",".join(f"f{j}" for j in range(width))
-for path, rows in ((train, 50_000), (traffic, 20_000)):
-    np.savetxt(path, rng.normal(size=(rows, width)).round(4), delimiter=",", header=header, comments="")
-PYEOF
-"$SIDECAR" profile build "$WORK/train.csv" -o "$WORK/profile.json" --quiet
+build_profile "$FEATURES"  # $WORK/train.csv, traffic.csv and profile.json
 start_upstream
 wait_port 18001
 

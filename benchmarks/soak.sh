@@ -6,16 +6,7 @@
 . "$(dirname "$0")/common.sh"
 need nginx taskset
 FEATURES=${FEATURES:-20}
-"$PY" - "$WORK/train.csv" "$WORK/traffic.csv" "$FEATURES" <<'PYEOF'
-import sys
-import numpy as np
-train, traffic, width = sys.argv[1], sys.argv[2], int(sys.argv[3])
-rng = np.random.default_rng(0)
-header = ",".join(f"f{j}" for j in range(width))
-for path, rows in ((train, 50_000), (traffic, 20_000)):
-    np.savetxt(path, rng.normal(size=(rows, width)).round(4), delimiter=",", header=header, comments="")
-PYEOF
-"$SIDECAR" profile build "$WORK/train.csv" -o "$WORK/profile.json" --quiet
+build_profile "$FEATURES"  # $WORK/train.csv, traffic.csv and profile.json
 start_upstream
 taskset -c 1 "$SIDECAR" serve --upstream http://127.0.0.1:18001 --host 127.0.0.1 --port "$PORT" \
   --metrics-port "$((PORT + 1))" --log-level warning --preset kserve-v1 --model-name iris \

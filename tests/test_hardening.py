@@ -13,7 +13,7 @@ import pytest
 from sidecar.app import Sidecar
 from sidecar.proxy.http1 import HttpConnection
 from tests.conftest import CannedUpstream, StartSidecar, assert_sample, settled
-from tests.raw_http import RawUpstream, closed, connect, post, read_head, read_response
+from tests.raw_http import RawUpstream, Serve, closed, connect, post, read_head, read_response
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -38,6 +38,17 @@ class HeadRecorder:
             self.heads.append(head)
             writer.write(OK)
             await writer.drain()
+
+
+def answering(reply: bytes) -> Serve:
+    """A raw upstream script: read a request's head, send `reply`, close."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(reply)
+        await writer.drain()
+
+    return serve
 
 
 # Framing: what is forwarded is framed as it was read, or refused.
@@ -120,12 +131,7 @@ async def test_a_reply_framed_two_ways_is_a_502(start_sidecar: StartSidecar, rep
     """Relayed, the first would reach the client without its length (the client hangs), the
     second without its gzip: the client gets 502, counted as upstream_invalid."""
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_head(reader)
-        writer.write(reply)
-        await writer.drain()
-
-    async with RawUpstream(serve) as upstream:
+    async with RawUpstream(answering(reply)) as upstream:
         sidecar = await start_sidecar(upstream.url)
         reader, writer = await connect(sidecar.proxy_url)
         writer.write(b"GET /p HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -216,12 +222,7 @@ async def test_an_early_answer_to_an_upload_reaches_the_client(start_sidecar, an
     """An upstream that answers before it has read a large upload, and closes: the client gets
     that answer (as nginx relays it), not a 502."""
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_head(reader)
-        writer.write(answer)
-        await writer.drain()
-
-    async with RawUpstream(serve) as upstream:
+    async with RawUpstream(answering(answer)) as upstream:
         sidecar = await start_sidecar(upstream.url)
         reader, writer = await connect(sidecar.proxy_url)
         size = 4 * 1024 * 1024
