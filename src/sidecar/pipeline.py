@@ -65,8 +65,9 @@ class Ticket:
     model: tuple[str, str]
     in_flight: Callable[[float], None]  # adds to the model's in-flight gauge
     capture_bodies: bool
-    llm: bool = False  # a generative route: streams cut short are counted
-    inject_usage: bool = False  # the proxy asks for stream usage and hides it (docs/llm.md)
+    # route.inject_usage, at hand for the proxy (sidecar.exchange.ExchangeObserver), which
+    # reads it on every request and knows no Route.
+    inject_usage: bool = False
 
 
 class Pipeline:
@@ -164,7 +165,6 @@ class Pipeline:
                 model,
                 self._red.in_flight(model),
                 capture_bodies=route.extractor is not None,
-                llm=route.generative,
                 inject_usage=route.inject_usage,
             )
         # A label folded into __other__ is counted as an overflow on every request: not cached.
@@ -177,13 +177,17 @@ class Pipeline:
     def end(self, ticket: Ticket, exchange: Exchange) -> None:
         wanted = ticket.capture_bodies and (
             (200 <= exchange.status < 300 and exchange.error is None)
-            or (ticket.llm and _cut_short(exchange))  # counted in _observe_payload
+            or (ticket.route.generative and _cut_short(exchange))  # counted in _observe_payload
         )
         if wanted and exchange.truncated:
             self._dropped.labels("body_too_large").inc()
             wanted = False
-        elif wanted and exchange.error is None and _body_bytes(exchange) >= LARGE_BODY_BYTES:
-            self._read_large(ticket, exchange)
+        elif (
+            wanted
+            and exchange.error is None
+            and (size := _body_bytes(exchange)) >= LARGE_BODY_BYTES
+        ):
+            self._read_large(ticket, exchange, size)
             wanted = False  # recorded when its thread has read it
         elif wanted and self._queued_payloads >= self._config.record_queue_size:
             self._dropped.labels("queue_full").inc()
@@ -306,10 +310,10 @@ class Pipeline:
 
     # Large exchanges
 
-    def _read_large(self, ticket: Ticket, exchange: Exchange) -> None:
-        """Hand a large exchange to its thread, unless large_body_queue_bytes are waiting there
-        already (one is always taken: a thread with nothing to do takes any size)."""
-        size = _body_bytes(exchange)
+    def _read_large(self, ticket: Ticket, exchange: Exchange, size: int) -> None:
+        """Hand a large exchange (`size` body bytes) to its thread, unless large_body_queue_bytes
+        are waiting there already (one is always taken: a thread with nothing to do takes any
+        size)."""
         if self._large_bytes and self._large_bytes + size > self._config.large_body_queue_bytes:
             self._dropped.labels("large_body_queue_full").inc()
             return
