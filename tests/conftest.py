@@ -8,14 +8,17 @@ import gzip
 import hashlib
 import json
 import socket
+import subprocess
 import sys
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import pytest_asyncio
 import uvloop
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -23,8 +26,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.app import Sidecar
 from sidecar.config import Config
+from sidecar.demo.mlserver import MLServer, run_mlserver
 from sidecar.demo.model import make_model_app, serve_app
 from tests.bare_response import BareResponse
+from tests.postgres import PostgresCluster, running_cluster
 
 BIG = 20 * 1024 * 1024
 
@@ -419,3 +424,47 @@ async def serve() -> AsyncIterator[StartServe]:
 
 def dumps(value: Any) -> bytes:
     return json.dumps(value).encode()
+
+
+# A real MLServer (scikit-learn iris), once per session: its venv comes from
+# scripts/install-mlserver (about a minute the first time).
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def mlserver_bin() -> Path:
+    """The repo's .venv-mlserver/bin/mlserver, installed first when missing or out of date."""
+    installed = subprocess.run(
+        [str(REPO / "scripts" / "install-mlserver")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if installed.returncode != 0:
+        pytest.fail(f"scripts/install-mlserver failed:\n{installed.stderr[-3000:]}")
+    return Path(installed.stdout.splitlines()[-1])
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def mlserver(
+    mlserver_bin: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[MLServer]:
+    async with run_mlserver(mlserver_bin, tmp_path_factory.mktemp("mlserver")) as server:
+        yield server
+
+
+# A real PostgreSQL (Debian's package, from scripts/test), once per session, started on first use;
+# each test that asks for `postgres_url` gets a fresh database of its own.
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    with running_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: PostgresCluster) -> Iterator[str]:
+    with postgres_cluster.database() as url:
+        yield url

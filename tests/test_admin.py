@@ -1,5 +1,5 @@
 """The admin port's HTTP contract on a real AdminServer (port 0): routing, HEAD, content types,
-/readyz, and /feedback's token and body limits, read as raw bytes where framing matters."""
+gzip, /readyz, and /feedback's token and body limits, read as raw bytes where framing matters."""
 
 from __future__ import annotations
 
@@ -132,6 +132,29 @@ async def test_metrics_content_type_follows_accept(admin_port: Admin, accept: by
     encoder, content_type = choose_encoder(accept.decode())
     assert (status, headers[b"content-type"].decode()) == (200, content_type)
     assert body == encoder(admin_port.registry)
+
+
+@pytest.mark.parametrize(
+    ("accept_encoding", "compressed"),
+    [
+        (None, False),
+        (b"gzip", True),
+        (b"deflate, gzip;q=0.5", True),
+        (b"gzip;q=0", False),
+        (b"br, deflate", False),
+    ],
+)
+async def test_metrics_are_gzipped_when_the_scraper_takes_gzip(
+    admin_port: Admin, accept_encoding: bytes | None, compressed: bool
+) -> None:
+    """Prometheus sends Accept-Encoding: gzip. Gzipped or not, the body is the same exposition,
+    and Vary says it depends on that header."""
+    extra = [b"Accept-Encoding: " + accept_encoding] if accept_encoding is not None else []
+    status, headers, body = await exchange(admin_port.url, get("/metrics", *extra))
+    encoder, _ = choose_encoder("")
+    assert (status, headers[b"vary"]) == (200, b"Accept-Encoding")
+    assert headers.get(b"content-encoding") == (b"gzip" if compressed else None)
+    assert (gzip.decompress(body) if compressed else body) == encoder(admin_port.registry)
 
 
 async def test_keep_alive_serves_several_requests_on_one_connection(admin_port: Admin) -> None:

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from sidecar.readiness import UpstreamProbe
+from sidecar.readiness import HttpCheck, HttpReadiness, UpstreamProbe
 from tests.raw_http import RawUpstream, read_head
 
 Script = Callable[[bytes], bytes | None]  # a request's head -> the raw answer (None: stay silent)
@@ -53,7 +53,7 @@ async def probe_of(
     upstream = Upstream(script)
     async with RawUpstream(upstream.serve) as raw:
         up = Gauge("up", "", registry=CollectorRegistry())
-        probe = UpstreamProbe(raw.url + path, interval=interval, up=up)
+        probe = UpstreamProbe(HttpReadiness(HttpCheck(raw.url + path)), interval=interval, up=up)
         await probe.start()
         try:
             yield probe, upstream, raw.url

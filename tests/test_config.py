@@ -34,7 +34,7 @@ def test_environment_alone_is_enough():
     config = load(
         environ={"SIDECAR_UPSTREAM": "http://model:8080", "SIDECAR_UPSTREAM_TIMEOUT": "2.5"}
     )
-    assert (config.upstream, config.port, config.metrics_port) == ("http://model:8080", 8080, 8081)
+    assert (config.upstream, config.port, config.metrics_port) == ("http://model:8080", 8080, 9101)
     assert config.upstream_timeout == 2.5
     assert config.client_send_timeout == 60.0
 

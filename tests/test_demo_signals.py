@@ -17,14 +17,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests import test_mlserver_integration
-
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux", reason="reads /proc; PR_SET_PDEATHSIG is Linux's"
 )
 
 # The MLServer venv (installed on first use): pytest finds a fixture by its name in the module.
-mlserver_bin = test_mlserver_integration.mlserver_bin
 
 # Safety nets against a hang, not performance bounds.
 START_DEADLINE = 120.0  # MLServer trains its model and loads it first

@@ -48,7 +48,7 @@ async def test_shifted_feature_is_flagged_and_others_are_not(
 
     await send_traffic(sidecar.proxy_url, 150, batch=8, seed=2, shift=1.0)
     text = await scrape(sidecar)
-    assert_sample(text, "ml_drift_window_count", 1200, **labels)
+    assert_sample(text, "ml_drift_window_rows", 1200, **labels)
     assert (sample(text, "ml_drift_status", **labels) or 0) >= 1
     for steady in ("sepal_width", "petal_length", "petal_width"):
         assert_sample(text, "ml_drift_status", 0, model_name="iris", feature=steady)

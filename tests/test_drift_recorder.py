@@ -101,7 +101,7 @@ def test_every_label_set_exists_at_start_and_reads_zero():
     assert value(registry, "ml_drift_pit_bucket", feature="x", le="0.05") == 0
     assert value(registry, "ml_drift_pit_count", feature="x") == 0
     assert value(registry, "ml_drift_status", feature="colour") == 0
-    assert value(registry, "ml_drift_window_count", feature="x") == 0
+    assert value(registry, "ml_drift_window_rows", feature="x") == 0
     assert value(registry, "ml_drift_reference_frozen") == 1
     assert value(registry, "ml_dataset_drift_share") == 0
 
@@ -168,7 +168,7 @@ def test_absent_feature_counts_as_missing_and_foreign_tables_are_ignored():
     rec.observe_features(table({"a": [0.5, 0.6]}))
     rec.observe_features(table({"other": [1.0]}))
     assert value(registry, "ml_drift_bin_total", feature="b", bin="missing") == 2
-    assert value(registry, "ml_drift_window_count", feature="a") == 2
+    assert value(registry, "ml_drift_window_rows", feature="a") == 2
 
 
 def test_pit_histogram_is_cumulative_with_out_of_range_values_at_the_ends():
@@ -237,7 +237,7 @@ def test_count_window_keeps_about_the_last_window_size_rows():
     rec, registry = recorder(reference({"x": UNIFORM}), window_size=1000)
     for _ in range(5):
         rec.observe_features(table({"x": [0.52] * 500}))
-    assert value(registry, "ml_drift_window_count", feature="x") == 1000
+    assert value(registry, "ml_drift_window_rows", feature="x") == 1000
     assert value(registry, "ml_drift_bin_total", feature="x", bin="b10") == 2500
 
 
@@ -256,9 +256,9 @@ def test_time_window_forgets_rows_older_than_its_size():
     rec.observe_features(table({"x": [0.1] * 300}))
     now[0] = 30.0
     rec.observe_features(table({"x": [0.92] * 200}))
-    assert value(registry, "ml_drift_window_count", feature="x") == 500
+    assert value(registry, "ml_drift_window_rows", feature="x") == 500
     now[0] = 100.0
-    assert value(registry, "ml_drift_window_count", feature="x") == 0
+    assert value(registry, "ml_drift_window_rows", feature="x") == 0
     assert math.isnan(number(registry, "ml_drift_score", feature="x", stat="psi"))
     assert value(registry, "ml_drift_bin_total", feature="x", bin="b18") == 200
 

@@ -1,5 +1,6 @@
-"""The prediction log's parts without a server: the SQLite store's bounds, the writer's bounded
-queue, label spelling, and the classification arithmetic."""
+"""The prediction log's parts without a server: the stores' bounds (the SQLite file and a real
+PostgreSQL database, held to the same contract), the writer's bounded queue, label spelling, and
+the classification arithmetic."""
 
 from __future__ import annotations
 
@@ -7,19 +8,23 @@ import contextlib
 import random
 import sqlite3
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from sidecar.extract.types import FeatureTable, Outputs
-from sidecar.feedback.log import PendingPrediction, PredictionLog, expand
+from sidecar.feedback.log import PendingPrediction, PredictionLog, expand, open_store
 from sidecar.feedback.recorder import class_label, value_label
 from sidecar.feedback.settings import FeedbackSettings
+from sidecar.feedback.sqlite import SQLiteStore
 from sidecar.feedback.stats import classification_scores, window_name
-from sidecar.feedback.store import LoggedRow, PredictionStore
+from sidecar.feedback.store import LoggedRow, NewLabel, PredictionStore, StoredRow
 from tests.test_feedback import reference_scores
+
+OpenStore = Callable[..., PredictionStore]
 
 
 def rows(count: int, ts: float, prefix: str = "r") -> list[LoggedRow]:
@@ -29,72 +34,118 @@ def rows(count: int, ts: float, prefix: str = "r") -> list[LoggedRow]:
     ]
 
 
-def test_age_bound_removes_the_oldest_rows_and_says_how_many(tmp_path: Path) -> None:
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_at(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenStore]:
+    """Opens a store at one place (a file, or a fresh database) each time it is called, with the
+    bounds given; every store it opened is closed at the end."""
+    if request.param == "postgres":
+        location = request.getfixturevalue("postgres_url")
+    else:
+        location = str(tmp_path / "s.db")
+    opened: list[PredictionStore] = []
+
+    def open_store_at(*, max_rows: int, max_age_seconds: float) -> PredictionStore:
+        settings = FeedbackSettings(
+            store=location, max_rows=max_rows, max_age_seconds=max_age_seconds
+        )
+        opened.append(open_store(settings))
+        return opened[-1]
+
+    yield open_store_at
+    for store in opened:
+        store.close()
+
+
+def find(store: PredictionStore, request_id: str) -> StoredRow | None:
+    return store.find([(request_id, 0)]).get((request_id, 0))
+
+
+def label(store: PredictionStore, request_id: str, text: str, now: float) -> None:
+    found = find(store, request_id)
+    assert found is not None
+    with store.transaction():
+        store.set_labels([NewLabel(found, text, None)], now)
+
+
+def test_age_bound_removes_the_oldest_rows_and_says_how_many(open_at: OpenStore) -> None:
     """Rows older than max_age_seconds go, oldest first, and are reported as max_age."""
-    store = PredictionStore(str(tmp_path / "s.db"), max_rows=1000, max_age_seconds=100.0)
-    assert store.append(rows(10, ts=1000.0), now=1009.0) == {"max_age": 0, "max_rows": 0}
+    store = open_at(max_rows=1000, max_age_seconds=100.0)
+    store.append(rows(10, ts=1000.0))
+    assert store.evict(now=1009.0) == {"max_age": 0, "max_rows": 0}
     # At 1105, rows stamped before 1005 (the first five) are older than 100 s.
     assert store.evict(now=1105.0) == {"max_age": 5, "max_rows": 0}
     assert store.rows == 5
-    assert store.find("r4", 0) is None
-    assert store.find("r5", 0) is not None
+    assert find(store, "r4") is None
+    assert find(store, "r5") is not None
 
 
-def test_row_bound_keeps_the_newest_rows(tmp_path: Path) -> None:
+def test_row_bound_keeps_the_newest_rows(open_at: OpenStore) -> None:
     """Beyond max_rows the oldest rows go first, across batches."""
-    store = PredictionStore(str(tmp_path / "s.db"), max_rows=7, max_age_seconds=1e9)
-    assert store.append(rows(5, ts=0.0, prefix="a"), now=10.0)["max_rows"] == 0
-    assert store.append(rows(5, ts=5.0, prefix="b"), now=10.0)["max_rows"] == 3
-    assert [store.find(f"a{i}", 0) is None for i in range(5)] == [True] * 3 + [False] * 2
+    store = open_at(max_rows=7, max_age_seconds=1e9)
+    store.append(rows(5, ts=0.0, prefix="a"))
+    assert store.evict(now=10.0)["max_rows"] == 0
+    store.append(rows(5, ts=5.0, prefix="b"))
+    assert store.evict(now=10.0)["max_rows"] == 3
+    assert [find(store, f"a{i}") is None for i in range(5)] == [True] * 3 + [False] * 2
     assert store.rows == 7
 
 
-def test_store_survives_reopening_with_its_labels(tmp_path: Path) -> None:
+def test_store_survives_reopening_with_its_labels(open_at: OpenStore) -> None:
     """Rows, labels and the set of labelled models are read back by the next process."""
-    path = str(tmp_path / "s.db")
-    store = PredictionStore(path, max_rows=10, max_age_seconds=1e9)
-    store.append(rows(3, ts=0.0), now=0.0)
-    found = store.find("r1", 0)
-    assert found is not None
-    with store.transaction():
-        store.set_label(found, "b", None, now=5.0)
+    store = open_at(max_rows=10, max_age_seconds=1e9)
+    store.append(rows(3, ts=0.0))
+    label(store, "r1", "b", now=5.0)
     store.close()
-    again = PredictionStore(path, max_rows=10, max_age_seconds=1e9)
+    again = open_at(max_rows=10, max_age_seconds=1e9)
     assert again.rows == 3
-    assert again.labelled_models == {("m", "1")}
-    reread = again.find("r1", 0)
+    assert again.labelled_models() == {("m", "1")}
+    reread = find(again, "r1")
     assert reread is not None
     assert (reread.label, reread.labelled_at) == ("b", 5.0)
 
 
+def test_find_takes_the_newest_row_of_a_repeated_request_id(open_at: OpenStore) -> None:
+    """A request id logged twice (a client reusing ids) joins to its latest row; keys without a
+    row are left out of the answer."""
+    store = open_at(max_rows=10, max_age_seconds=1e9)
+    first, second = rows(1, ts=0.0), rows(1, ts=1.0)
+    store.append([first[0]._replace(predicted="old")])
+    store.append([second[0]._replace(predicted="new")])
+    found = store.find([("r0", 0), ("r0", 0), ("r0", 1), ("nothing", 0)])
+    assert list(found) == [("r0", 0)]
+    assert found["r0", 0].predicted == "new"
+
+
 def test_store_is_in_wal_mode(tmp_path: Path) -> None:
     """The journal is a write-ahead log: readers never block the writer."""
-    PredictionStore(str(tmp_path / "s.db"), max_rows=10, max_age_seconds=1.0).close()
+    SQLiteStore(str(tmp_path / "s.db"), max_rows=10, max_age_seconds=1.0).close()
     with contextlib.closing(sqlite3.connect(tmp_path / "s.db")) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_window_of_rows_takes_the_most_recently_labelled(tmp_path: Path) -> None:
+def test_window_of_rows_takes_the_most_recently_labelled(open_at: OpenStore) -> None:
     """`last_rows` counts labelled rows by when their label arrived, newest first."""
-    store = PredictionStore(str(tmp_path / "s.db"), max_rows=100, max_age_seconds=1e9)
-    store.append(rows(4, ts=0.0), now=0.0)
-    with store.transaction():
-        for index, (name, label) in enumerate([("r0", "a"), ("r1", "b"), ("r2", "b")]):
-            found = store.find(name, 0)
-            assert found is not None
-            store.set_label(found, label, None, now=10.0 + index)
+    store = open_at(max_rows=100, max_age_seconds=1e9)
+    store.append(rows(4, ts=0.0))
+    for index, (name, text) in enumerate([("r0", "a"), ("r1", "b"), ("r2", "b")]):
+        label(store, name, text, now=10.0 + index)
     groups = store.window(("m", "1"), last_rows=2)
     assert [(g.label, g.predicted, g.rows) for g in groups] == [("b", "a", 2)]
     since = store.window(("m", "1"), since=10.0)
     assert sorted((g.label, g.rows) for g in since) == [("a", 1), ("b", 2)]
 
 
+def log_metrics() -> tuple[CollectorRegistry, Counter, Gauge]:
+    registry = CollectorRegistry()
+    dropped = Counter("dropped", "d", ["reason"], registry=registry)
+    return registry, dropped, Gauge("up", "u", registry=registry)
+
+
 def test_full_queue_drops_and_counts_rows() -> None:
     """The writer's queue holds queue_rows rows; a prediction that does not fit is dropped and
     its rows counted as prediction_log_full."""
-    registry = CollectorRegistry()
-    dropped = Counter("dropped", "d", ["reason"], registry=registry)
-    log = PredictionLog(FeedbackSettings(queue_rows=10), registry=registry, dropped=dropped)
+    registry, dropped, up = log_metrics()
+    log = PredictionLog(FeedbackSettings(queue_rows=10), registry=registry, dropped=dropped, up=up)
     outputs = Outputs(classes=np.array(["a"] * 4, dtype=object))
     for index in range(3):  # 4 + 4 fit, the next 4 do not (the thread is not running)
         log.submit(PendingPrediction(0.0, f"r{index}", ("m", "1"), outputs, None, 1.0, 4))
@@ -104,16 +155,14 @@ def test_full_queue_drops_and_counts_rows() -> None:
 def test_a_failing_store_counts_its_rows_and_keeps_going(tmp_path: Path) -> None:
     """A batch the store refuses (disk full) is counted as prediction_log_error; the thread
     carries on and writes the next batch."""
-    registry = CollectorRegistry()
-    dropped = Counter("dropped", "d", ["reason"], registry=registry)
-    log = PredictionLog(
-        FeedbackSettings(store=str(tmp_path / "s.db")), registry=registry, dropped=dropped
-    )
+    registry, dropped, up = log_metrics()
+    settings = FeedbackSettings(store=str(tmp_path / "s.db"))
+    log = PredictionLog(settings, registry=registry, dropped=dropped, up=up)
     log.start()
     assert log.store is not None
     append, failed = log.store.append, threading.Event()
 
-    def full_disk(rows: object, now: float) -> dict[str, int]:
+    def full_disk(rows: object) -> None:
         failed.set()
         raise sqlite3.OperationalError("database or disk is full")
 

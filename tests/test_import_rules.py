@@ -104,3 +104,19 @@ def test_command_entry_points_load_their_heavy_parts_lazily():
             if within(imported, (*BUILD_ONLY_LIBRARIES, "sidecar.drift.build", "sidecar.demo.run"))
         ]
         assert heavy == [], name
+
+
+# grpcio and protobuf (about 14 MB of RSS together) are for processes that speak gRPC: loaded at
+# the top only by these modules, which the others import inside the function that needs them
+# (app.start_grpc, body._from_grpc, readiness's gRPC question).
+GRPC_AT_THE_TOP = {"sidecar.proxy.grpc_relay", "sidecar.extract.oip_grpc", "sidecar.oip.oip_pb2"}
+GRPC_MODULES = ("grpc", "google.protobuf", *GRPC_AT_THE_TOP)
+
+
+def test_grpc_and_protobuf_are_loaded_only_where_grpc_is_spoken():
+    loading_at_the_top = {
+        name
+        for name, path in MODULES.items()
+        if any(within(imported, GRPC_MODULES) for imported in imports(path, top_only=True))
+    }
+    assert loading_at_the_top == GRPC_AT_THE_TOP

@@ -1,7 +1,8 @@
 """A real MLServer (scikit-learn iris) behind the sidecar: relayed untouched, counted exactly.
 
 The MLServer venv comes from scripts/install-mlserver (the same recipe as scripts/demo), so the
-first run installs it (about a minute) and later runs reuse it. MLServer runs once per session.
+first run installs it (about a minute) and later runs reuse it. MLServer runs once per session
+(the `mlserver` fixture in conftest.py, shared with tests/test_grpc_mlserver.py).
 """
 
 from __future__ import annotations
@@ -10,19 +11,16 @@ import asyncio
 import gzip
 import json
 import random
-import subprocess
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import pytest
-import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.app import Sidecar
-from sidecar.demo.mlserver import MLServer, iris_rows, run_mlserver, send_v2_traffic, v2_body
+from sidecar.demo.mlserver import MLServer, iris_rows, send_v2_traffic, v2_body
 from tests.conftest import StartSidecar, scrape
 
 pytestmark = [
@@ -32,35 +30,12 @@ pytestmark = [
     pytest.mark.timeout(900),
 ]
 
-REPO = Path(__file__).resolve().parent.parent
 JSON = {"Content-Type": "application/json"}
 # Varied batch sizes, used in turn: single rows, small batches and a few large ones.
 BATCH_SIZES = (1, 2, 3, 5, 8, 1, 13, 4, 21, 2)
 TRAFFIC = 50
 # Headers two calls to the same server may legitimately differ in.
 VOLATILE = {"date", "x-request-id"}
-
-
-@pytest.fixture(scope="session")
-def mlserver_bin() -> Path:
-    """The repo's .venv-mlserver/bin/mlserver, installed first when missing or out of date."""
-    installed = subprocess.run(
-        [str(REPO / "scripts" / "install-mlserver")],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if installed.returncode != 0:
-        pytest.fail(f"scripts/install-mlserver failed:\n{installed.stderr[-3000:]}")
-    return Path(installed.stdout.splitlines()[-1])
-
-
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def mlserver(
-    mlserver_bin: Path, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[MLServer]:
-    async with run_mlserver(mlserver_bin, tmp_path_factory.mktemp("mlserver")) as server:
-        yield server
 
 
 @pytest.fixture

@@ -147,6 +147,25 @@ def test_histogram_bucket_values_count_only_their_own_bucket() -> None:
         assert found["h_sum"] == sum(VALUES) + 4.0
 
 
+def test_a_bucket_values_exemplar_is_the_one_collect_shows() -> None:
+    """set_exemplars() gives a bucket value an Exemplar with set_exemplar(), as observe() does
+    with an exemplar; collect() shows it on that bucket's sample."""
+    from prometheus_client.samples import Exemplar
+
+    child = histogram_child()
+    with relied_on("Histogram._buckets[i].set_exemplar(Exemplar)", BATCH):
+        child._buckets[1].inc(1)
+        child._buckets[1].set_exemplar(Exemplar({"trace_id": "abc"}, 0.7, 1.0))
+        exemplars = {
+            sample.labels["le"]: sample.exemplar
+            for metric in child.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_bucket")
+        }
+        assert exemplars["1.0"] == Exemplar({"trace_id": "abc"}, 0.7, 1.0)
+        assert exemplars["0.5"] is None
+
+
 def test_observe_many_equals_observe_in_multiprocess_mode(worker_files: tuple[Path, int]) -> None:
     """With --workers the bucket values are mmap-backed: observe_many still writes what
     observe() would, and MultiProcessCollector merges it the same."""

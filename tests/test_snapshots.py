@@ -39,7 +39,7 @@ def test_counters_and_histograms_add_up_gauges_follow_their_policy() -> None:
                 ("ml_drift_pit_count", {}, le_one),
             ),
             family("ml_drift_score", "gauge", ("ml_drift_score", {"stat": "psi"}, score)),
-            family("ml_drift_window_count", "gauge", ("ml_drift_window_count", {}, rows)),
+            family("ml_drift_window_rows", "gauge", ("ml_drift_window_rows", {}, rows)),
             family("process_start_time_seconds", "gauge", ("process_start_time_seconds", {}, t0)),
         ]
 
@@ -49,7 +49,7 @@ def test_counters_and_histograms_add_up_gauges_follow_their_policy() -> None:
         ("ml_drift_pit_bucket", ("1.0",)): 11,
         ("ml_drift_pit_count", ()): 11,
         ("ml_drift_score", ("psi",)): 0.2,  # the worst worker speaks for the pod
-        ("ml_drift_window_count", ()): 130,
+        ("ml_drift_window_rows", ()): 130,
         ("process_start_time_seconds", ()): 40,
     }
 
@@ -140,4 +140,4 @@ def test_two_workers_drift_counts_equal_one_process_fed_everything(tmp_path: Pat
     counts = {k: v for k, v in expected.items() if k[0].startswith(counted)}
     assert len(counts) > 40  # bins of both features, PIT buckets, sums and counts
     assert {key: merged[key] for key in counts} == pytest.approx(counts, rel=1e-12)
-    assert merged[("ml_drift_window_count", ("1", "iris", "x"))] == 1500
+    assert merged[("ml_drift_window_rows", ("1", "iris", "x"))] == 1500

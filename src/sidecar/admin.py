@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
 from sidecar.admin_http import (
     BodyTooLarge,
@@ -14,12 +15,14 @@ from sidecar.admin_http import (
     Reply,
     Route,
     Router,
+    gzipped,
     header,
     json_reply,
     read_body,
 )
 from sidecar.feedback.recorder import FeedbackError, FeedbackRecorder, parse_feedback
 from sidecar.proxy.http1 import Handler, Http1Server, HttpConnection, Request
+from sidecar.upstream_metrics import UpstreamMetrics
 
 ReadinessCheck = Callable[[], tuple[bool, str]]
 
@@ -30,13 +33,34 @@ WHOLE_BODY_LIMIT = 64 * 1024
 STOP_TIMEOUT = 5.0  # seconds a request in flight (a /feedback join) gets when the port closes
 
 
-def _metrics_route(registry: CollectorRegistry) -> Route:
-    def metrics(request: Request, connection: HttpConnection) -> Reply:
-        # Prometheus text by default; OpenMetrics when the scraper asks for it.
-        encoder, content_type = choose_encoder(header(request, b"accept"))
-        return Reply(200, encoder(registry), content_type.encode())
+def _metrics_route(
+    registry: CollectorRegistry,
+    upstream: UpstreamMetrics | None,
+    refresh: Callable[[], Awaitable[None]] | None,
+) -> Route:
+    """Our registry, once `refresh` has brought it up to date; with `upstream`, the model
+    server's metrics after it, fetched now."""
+
+    def metrics(request: Request, connection: HttpConnection) -> Reply | Awaitable[Reply]:
+        if upstream is None and refresh is None:
+            return _exposition(request, registry)
+        return refreshed(request)
+
+    async def refreshed(request: Request) -> Reply:
+        if refresh is not None:
+            await refresh()
+        if upstream is None:
+            return _exposition(request, registry)
+        return _exposition(request, await upstream.scrape(registry))
 
     return metrics
+
+
+def _exposition(request: Request, metrics: Collector) -> Reply:
+    # Prometheus text by default, OpenMetrics when the scraper asks for it; gzip if it takes it.
+    encoder, content_type = choose_encoder(header(request, b"accept"))
+    reply = Reply(200, encoder(metrics), content_type.encode())
+    return gzipped(reply, header(request, b"accept-encoding"))
 
 
 def _healthz(request: Request, connection: HttpConnection) -> Reply:
@@ -82,11 +106,15 @@ def make_admin_app(
     readiness: ReadinessCheck,
     *,
     feedback: FeedbackRecorder | None = None,
+    upstream_metrics: UpstreamMetrics | None = None,
+    refresh: Callable[[], Awaitable[None]] | None = None,
 ) -> Router:
     """Build the admin routes around an injected registry and readiness check; with a
-    feedback recorder they also take labels on POST /feedback."""
+    feedback recorder they also take labels on POST /feedback; with `upstream_metrics`,
+    /metrics adds the model server's own; `refresh` is awaited before each scrape (with
+    --workers, the supervisor gathers its workers' snapshots)."""
     router = Router()
-    router.add("GET", "/metrics", _metrics_route(registry))
+    router.add("GET", "/metrics", _metrics_route(registry, upstream_metrics, refresh))
     router.add("GET", "/healthz", _healthz)
     router.add("GET", "/readyz", _readyz_route(readiness))
     if feedback is not None:

@@ -9,6 +9,7 @@ import logging
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import msgspec
@@ -21,19 +22,30 @@ from sidecar.config import Config, ConfigError
 from sidecar.drift.profile import load as load_profile
 from sidecar.extract.compile import build_readers
 from sidecar.extract.presets import PRESETS
-from sidecar.pipeline import Pipeline
+from sidecar.oip import METHODS, route_name
+from sidecar.pipeline import Pipeline, Ticket
 from sidecar.proxy.http1 import Http1Server
 from sidecar.proxy.pool import UpstreamHealth, UpstreamPool
 from sidecar.proxy.server import ProxyHandler
-from sidecar.readiness import UpstreamProbe
+from sidecar.readiness import UpstreamProbe, question_for
 from sidecar.routes import Route, RouteTable
+from sidecar.upstream_metrics import upstream_metrics_of
+
+if TYPE_CHECKING:
+    from sidecar.proxy.grpc_relay import GrpcRelay
 
 log = logging.getLogger(__name__)
 
 
 def build_routes(config: Config) -> RouteTable:
-    """Configured routes first (they override), then the routes of the top-level preset."""
-    return RouteTable(_configured_routes(config))
+    """Configured routes first (they override), then the routes of the top-level preset, then
+    (with gRPC on) a route for each method of the inference service, to name it."""
+    routes = _configured_routes(config)
+    if config.grpc_port is None:
+        return RouteTable(routes)
+    return RouteTable(
+        [*routes, *(Route(route_name(path), "POST", path) for path in sorted(METHODS))]
+    )
 
 
 def _configured_routes(config: Config) -> Iterator[Route]:
@@ -59,29 +71,17 @@ def _configured_routes(config: Config) -> Iterator[Route]:
             )  # fmt: skip
 
 
-def health_url(config: Config) -> str:
-    path = config.health_path
-    if path is None and config.preset is not None:
-        path = PRESETS[config.preset].health_path
-    return config.upstream.rstrip("/") + (path or "/")
-
-
 def make_probe(config: Config, registry: CollectorRegistry) -> UpstreamProbe:
     """The readiness probe of the upstream and its gauge (started by the caller)."""
     up = Gauge(
         "sidecar_upstream_up",
         "1 while the upstream is reachable (by the latest word of the probe or of the proxy's "
-        "traffic) and its health path last answered ready.",
+        "traffic) and its readiness question (health path, model status) last answered ready.",
         # Only the process serving the admin port probes (with --workers, the supervisor).
         multiprocess_mode="livemax",
         registry=registry,
     )
-    return UpstreamProbe(
-        health_url(config),
-        interval=config.health_interval,
-        up=up,
-        lenient=config.health_path is None and config.preset is None,
-    )
+    return UpstreamProbe(question_for(config), interval=config.health_interval, up=up)
 
 
 class Sidecar:
@@ -113,8 +113,10 @@ class Sidecar:
         self._probe: UpstreamProbe | None = None
         self._pool: UpstreamPool | None = None
         self._pipeline: Pipeline | None = None
+        self._grpc: GrpcRelay[Ticket] | None = None
         self.proxy_url = ""
         self.admin_url = ""
+        self.grpc_address = ""  # host:port, once started with grpc_port set
 
     async def start(self) -> None:
         config = self.config
@@ -133,7 +135,12 @@ class Sidecar:
         )
         profile = load_profile(config.drift.profile) if config.drift.profile else None
         pipeline = self._pipeline = Pipeline(config, build_routes(config), self.registry, profile)
-        handler = ProxyHandler(pool, pipeline, max_body_bytes=config.max_body_bytes)
+        handler = ProxyHandler(
+            pool,
+            pipeline,
+            max_body_bytes=config.max_body_bytes,
+            reply_request_id=config.reply_request_id,
+        )
         if self._probe is not None:
             await self._probe.start()
         await pipeline.feedback.open()
@@ -146,16 +153,31 @@ class Sidecar:
         )
         await self._proxy_server.start(config.host, config.port, reuse_port=self._reuse_port)
         self.proxy_url = url_of(self._proxy_server.address)
+        if config.grpc_port is not None and config.grpc_upstream is not None:
+            self._grpc = await start_grpc(
+                config, pipeline, config.grpc_port, config.grpc_upstream, self._reuse_port
+            )
+            self.grpc_address = self._grpc.address
 
         if self._probe is not None:
             probe = self._probe
-            admin = make_admin_app(self.registry, lambda: probe.status, feedback=pipeline.feedback)
+            admin = make_admin_app(
+                self.registry,
+                lambda: probe.status,
+                feedback=pipeline.feedback,
+                upstream_metrics=upstream_metrics_of(config),
+            )
             self._admin_server = AdminServer(admin)
             await self._admin_server.start(config.admin_host, config.metrics_port)
             self.admin_url = url_of(self._admin_server.address)
         log.info(
             "serving",
-            extra={"proxy": self.proxy_url, "admin": self.admin_url, "upstream": config.upstream},
+            extra={
+                "proxy": self.proxy_url,
+                "admin": self.admin_url,
+                "upstream": config.upstream,
+                **({"grpc": self.grpc_address} if self._grpc else {}),
+            },
         )
 
     async def stop(self) -> None:
@@ -165,8 +187,12 @@ class Sidecar:
         if self.config.shutdown_delay > 0:
             # Give the load balancer time to see /readyz fail before the port closes.
             await asyncio.sleep(self.config.shutdown_delay)
+        if self._grpc is not None:  # beside the HTTP port: both drain at once
+            grpc_stopped = asyncio.ensure_future(self._grpc.stop(self.config.drain_timeout))
         if self._proxy_server is not None:
             await self._proxy_server.stop(self.config.drain_timeout)
+        if self._grpc is not None:
+            await grpc_stopped
         if self._admin_server is not None:
             await self._admin_server.stop()
         if self._probe is not None:
@@ -257,9 +283,11 @@ async def watch_config(path: Path, interval: float, changed: Callable[[], None])
 RESTART_KEYS = (
     "upstream", "host", "port", "metrics_host", "metrics_port", "upstream_timeout",
     "connect_timeout", "client_send_timeout", "client_body_timeout", "upstream_keepalive_timeout",
-    "health_path", "health_interval", "drain_timeout",
+    "health_path", "health_interval", "drain_timeout", "upstream_metrics",
+    "upstream_metrics_timeout",
     "shutdown_delay", "model_name", "model_version", "framework", "max_body_bytes", "label_cap",
     "model_names", "record_queue_size", "config_watch_interval", "workers", "feedback", "drift",
+    "grpc_port", "grpc_upstream", "grpc_max_message_bytes", "reply_request_id",
 )  # fmt: skip
 
 
@@ -285,6 +313,24 @@ def _default_registry() -> CollectorRegistry:
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry
+
+
+async def start_grpc(
+    config: Config, pipeline: Pipeline, port: int, upstream: str, reuse_port: bool
+) -> GrpcRelay[Ticket]:
+    """The gRPC listener, started. grpcio is imported here, and only with gRPC on: it costs
+    every process about 10 MB (tests/test_footprint.py)."""
+    from sidecar.proxy.grpc_relay import GrpcRelay
+
+    relay = GrpcRelay(
+        upstream,
+        pipeline,
+        max_message_bytes=config.grpc_max_message_bytes,
+        upstream_timeout=config.upstream_timeout,
+        max_body_bytes=config.max_body_bytes,
+    )
+    await relay.start(config.host, port, reuse_port=reuse_port)
+    return relay
 
 
 def url_of(address: tuple[str, int]) -> str:

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import msgspec
 import msgspec.inspect
 
+from sidecar.buckets import check_buckets
 from sidecar.drift.settings import DriftSettings
 from sidecar.extract.presets import PRESETS
 from sidecar.extract.spec import MappingSpec
@@ -69,9 +70,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
 
     upstream: str
     host: str = "0.0.0.0"  # a sidecar listens on the pod's interfaces by design
-    port: int = 8080
+    port: int = 8080  # the model servers' usual port, taken on purpose: docs/deploy.md#5-ports
     metrics_host: str | None = None
-    metrics_port: int = 8081
+    # 9101 is no supported model server's port, nor Prometheus's, nor a KServe/Knative pod's
+    # (docs/deploy.md#5-ports); 8081 was MLServer's and KServe's gRPC, TorchServe's management.
+    metrics_port: int = 9101
     upstream_timeout: float = 60.0
     connect_timeout: float = 5.0
     client_send_timeout: float = 60.0
@@ -79,6 +82,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     upstream_keepalive_timeout: float = 4.0
     health_path: str | None = None
     health_interval: float = 5.0
+    upstream_metrics: str | None = None  # the model server's metrics URL, re-exposed on ours
+    upstream_metrics_timeout: float = 2.0  # for each fetch of it, within a scrape of ours
     drain_timeout: float = 30.0
     shutdown_delay: float = 5.0  # Kubernetes takes a few seconds to drop a pod's endpoints
     log_level: LogLevel = "info"
@@ -90,28 +95,38 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     mapping: MappingSpec | None = None
     inject_usage: bool = False  # openai: ask streams for usage, hide it from clients (docs/llm.md)
     max_body_bytes: int = 10 * 1024 * 1024
+    reply_request_id: bool = True  # add X-Request-ID to replies that carry none
     label_cap: int = 50
     model_names: tuple[str, ...] = ()
     low_confidence_threshold: float = 0.7
     features: dict[str, FeatureRule] = msgspec.field(default_factory=dict)
+    # Histogram bounds per metric, overriding the defaults (sidecar.buckets, docs/metrics.md).
+    buckets: dict[str, tuple[float, ...]] = msgspec.field(default_factory=dict)
     record_queue_size: int = 10_000
     large_body_queue_bytes: int = 64 * 1024 * 1024  # large payloads waiting to be read
     config_watch_interval: float = 5.0
     workers: int = 1  # proxy processes sharing the port (sidecar.workers); 1 = no supervisor
+    grpc_port: int | None = None  # a gRPC listener (docs/grpc.md); off when unset
+    grpc_upstream: str | None = None  # the model server's gRPC address, host:port
+    grpc_max_message_bytes: int = 64 * 1024 * 1024  # each way; gRPC's own default is 4 MiB
     feedback: FeedbackSettings = msgspec.field(default_factory=FeedbackSettings)
     drift: DriftSettings = msgspec.field(default_factory=DriftSettings)
 
     def __post_init__(self) -> None:
         _check_upstream(self.upstream)
+        if self.upstream_metrics is not None:
+            _check_upstream_metrics(self.upstream_metrics)
         _check_preset(self.preset)
         _check_generative_mapping(self.preset, self.mapping)
         presets = (self.preset, *(route.preset for route in self.routes))
         if self.inject_usage and not any(map(_generative, presets)):
             msg = f"inject_usage is set, but no route uses the {_GENERATIVE} preset"
             raise ValueError(msg)
-        for key in ("port", "metrics_port"):
+        _check_grpc(self.grpc_port, self.grpc_upstream)
+        check_buckets(self.buckets)
+        for key in ("port", "metrics_port", "grpc_port"):
             value = getattr(self, key)
-            if not 0 <= value <= 65535:
+            if value is not None and not 0 <= value <= 65535:
                 msg = f"{key} must be a TCP port between 0 and 65535, got {value}"
                 raise ValueError(msg)
         for key in (
@@ -121,6 +136,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
             "client_body_timeout",
             "upstream_keepalive_timeout",
             "health_interval",
+            "upstream_metrics_timeout",
         ):
             if not getattr(self, key) > 0:  # NaN too: no timeout would ever fire
                 msg = f"{key} must be a positive number of seconds, got {getattr(self, key)}"
@@ -135,11 +151,21 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
         if self.label_cap < 1:
             msg = f"label_cap must be at least 1, got {self.label_cap}"
             raise ValueError(msg)
+        if self.grpc_max_message_bytes < 1024:
+            value = self.grpc_max_message_bytes
+            msg = f"grpc_max_message_bytes must be at least 1024, got {value}"
+            raise ValueError(msg)
         if self.large_body_queue_bytes < 1:
             msg = f"large_body_queue_bytes must be at least 1, got {self.large_body_queue_bytes}"
             raise ValueError(msg)
         if self.workers < 1:
             msg = f"workers must be at least 1, got {self.workers}"
+            raise ValueError(msg)
+        if self.workers > 1 and self.grpc_port == 0:
+            msg = (
+                f"workers is {self.workers}, but grpc_port is 0 (any free port): each worker "
+                "would get a port of its own; set grpc_port"
+            )
             raise ValueError(msg)
         if self.workers > 1 and self.port == 0:
             msg = (
@@ -167,6 +193,31 @@ def _check_upstream(url: str) -> None:
         raise ValueError(msg)
     if parts.path not in ("", "/") or parts.query:
         msg = f"upstream {url!r} must not carry a path or query: every path is forwarded as is"
+        raise ValueError(msg)
+
+
+def _check_upstream_metrics(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        msg = (
+            f"upstream_metrics {url!r} must be an http:// or https:// URL with a host, "
+            "e.g. http://127.0.0.1:8082/metrics"
+        )
+        raise ValueError(msg)
+
+
+def _check_grpc(port: int | None, upstream: str | None) -> None:
+    if (port is None) != (upstream is None):
+        given, missing = (
+            ("grpc_port", "grpc_upstream") if upstream is None else ("grpc_upstream", "grpc_port")
+        )
+        msg = f"{given} is set but {missing} is not: the gRPC relay needs both"
+        raise ValueError(msg)
+    if upstream is None:
+        return
+    host, _, port_text = upstream.rpartition(":")
+    if not host or "/" in upstream or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+        msg = f"grpc_upstream {upstream!r} must be host:port, e.g. 127.0.0.1:8001"
         raise ValueError(msg)
 
 
@@ -200,7 +251,7 @@ def _check_generative_mapping(preset: str | None, mapping: MappingSpec | None) -
 SCALAR_KEYS: tuple[str, ...] = tuple(
     name
     for name, kind in Config.__annotations__.items()
-    if kind in ("str", "int", "float", "str | None", "LogLevel")
+    if kind in ("str", "int", "float", "bool", "str | None", "int | None", "LogLevel")
 )
 
 
@@ -238,6 +289,12 @@ def load(
             _set_profile(raw, value)
             sources["drift"] = "flag --profile"
             continue
+        if key == "mapping":
+            _set_mapping_names(raw, value)
+            # A file's mapping keeps naming the file: names given as flags are always well formed.
+            flags = " and ".join(f"--{name.replace('_', '-')}" for name in value)
+            sources.setdefault("mapping", f"flag {flags}")
+            continue
         raw[key] = value
         sources[key] = f"flag --{key.replace('_', '-')}"
     return _convert(raw, sources)
@@ -247,6 +304,12 @@ def _set_profile(raw: dict[str, Any], path: str) -> None:
     """--profile and SIDECAR_PROFILE stand for the nested key drift.profile."""
     drift = raw.get("drift")
     raw["drift"] = {**(drift if isinstance(drift, dict) else {}), "profile": path}
+
+
+def _set_mapping_names(raw: dict[str, Any], names: Mapping[str, Any]) -> None:
+    """--class-names and --feature-names replace those fields of the file's mapping, not all."""
+    mapping = raw.get("mapping")
+    raw["mapping"] = {**(mapping if isinstance(mapping, dict) else {}), **names}
 
 
 def _read_file(path: Path) -> dict[str, Any]:

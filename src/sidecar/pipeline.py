@@ -19,8 +19,9 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from sidecar import __version__
+from sidecar.buckets import resolve as resolve_buckets
 from sidecar.config import Config
-from sidecar.drift.profile import Profile, content_hash
+from sidecar.drift.profile import NumericFeature, Profile, content_hash
 from sidecar.drift.recorder import DriftRecorder
 from sidecar.exchange import Exchange
 from sidecar.extract import sliced
@@ -83,13 +84,15 @@ class Pipeline:
         self._config = config
         self._routes = routes
         registry.register(_FlushOnScrape(self))  # first: it runs before the others are collected
-        self._red = RedRecorder(registry)
+        buckets = resolve_buckets(config.buckets, _value_edges(profile))
+        self._red = RedRecorder(registry, buckets=buckets)
         overflow = OverflowCounter(registry)
         self._outputs = OutputRecorder(
             registry,
             overflow=overflow,
             label_cap=config.label_cap,
             low_confidence_threshold=config.low_confidence_threshold,
+            buckets=buckets,
         )
         self._quality = QualityRecorder(
             registry, rules=config.features, overflow=overflow, label_cap=config.label_cap
@@ -98,15 +101,20 @@ class Pipeline:
             "model_name", limit=config.label_cap, overflow=overflow, allowed=config.model_names
         )
         self._model_versions = LabelCap("model_version", limit=config.label_cap, overflow=overflow)
-        self._llm = LlmRecorder(registry, overflow=overflow, label_cap=config.label_cap)
+        self._llm = LlmRecorder(
+            registry, overflow=overflow, label_cap=config.label_cap, buckets=buckets
+        )
         self._tickets: dict[tuple[Route, tuple[str, str]], Ticket] = {}  # Tickets are immutable
         self._by_path: dict[tuple[str, str], Ticket] = {}  # begin()'s memory, see _ticket()
+        self._by_call: dict[tuple[str, str | None, str | None], Ticket] = {}  # begin_call()'s
         self._dropped = Counter(
             "sidecar_dropped_observations_total",
             "Exchanges whose payloads were not parsed: queue_full (recording fell behind), "
             "large_body_queue_full (large payloads waiting over large_body_queue_bytes) or "
             "body_too_large (over max_body_bytes; the request itself passed through). Rows not "
-            "logged: prediction_log_full (the writer fell behind), prediction_log_error.",
+            "logged: prediction_log_full (the writer fell behind), prediction_log_error. "
+            "Prediction events not sent: prediction_sink_full (the CloudEvents sink fell "
+            "behind), prediction_sink_error (given up after its attempts).",
             ["reason"],
             registry=registry,
         )
@@ -139,6 +147,7 @@ class Pipeline:
         self._routes = routes
         self._tickets = {}
         self._by_path = {}
+        self._by_call = {}
         self._outputs.low_confidence_threshold = config.low_confidence_threshold
         self._quality.rules = config.features
 
@@ -153,11 +162,36 @@ class Pipeline:
         self._drain_later()
         return ticket
 
+    def begin_call(self, path: str, model_name: str | None, model_version: str | None) -> Ticket:
+        """begin() for a gRPC call: its path names the method (and so the route), the message
+        names the model (sidecar.proxy.grpc_relay reads it)."""
+        key = (path, model_name, model_version)
+        ticket = self._by_call.get(key)
+        if ticket is None:
+            route, _ = self._routes.match("POST", path)
+            params = {"model": model_name or "", "version": model_version or ""}
+            ticket = self._route_ticket(route, self._model_labels(params))
+            if OTHER not in ticket.model:  # as in _ticket()
+                if len(self._by_call) >= _REMEMBERED_PATHS:
+                    self._by_call.clear()
+                self._by_call[key] = ticket
+        self._arrived[ticket] = self._arrived.get(ticket, 0) + 1
+        self._drain_later()
+        return ticket
+
     def _ticket(self, method: str, path: str) -> Ticket:
         """Route and label a request. A model's traffic hits few paths, so the answer is
         remembered per path: matching route patterns costs more than the rest of begin()."""
         route, params = self._routes.match(method, path)
-        model = self._model_labels(params)
+        ticket = self._route_ticket(route, self._model_labels(params))
+        # A label folded into __other__ is counted as an overflow on every request: not cached.
+        if OTHER not in ticket.model:
+            if len(self._by_path) >= _REMEMBERED_PATHS:
+                self._by_path.clear()
+            self._by_path[(method, path)] = ticket
+        return ticket
+
+    def _route_ticket(self, route: Route, model: tuple[str, str]) -> Ticket:
         ticket = self._tickets.get((route, model))
         if ticket is None:  # bounded: routes times capped model labels
             ticket = self._tickets[(route, model)] = Ticket(
@@ -167,11 +201,6 @@ class Pipeline:
                 capture_bodies=route.extractor is not None,
                 inject_usage=route.inject_usage,
             )
-        # A label folded into __other__ is counted as an overflow on every request: not cached.
-        if OTHER not in model:
-            if len(self._by_path) >= _REMEMBERED_PATHS:
-                self._by_path.clear()
-            self._by_path[(method, path)] = ticket
         return ticket
 
     def end(self, ticket: Ticket, exchange: Exchange) -> None:
@@ -426,6 +455,16 @@ class Pipeline:
             self._model_names.fold(name) if name else self._config.model_name,
             self._model_versions.fold(version) if version else self._config.model_version,
         )
+
+
+def _value_edges(profile: Profile | None) -> list[float]:
+    """The profile's equal-mass edges of regression outputs (none without a profile)."""
+    if profile is None:
+        return []
+    for output in profile.outputs:
+        if output.name == "__value__" and isinstance(output, NumericFeature):
+            return output.edges
+    return []
 
 
 def _messages(exchange: Exchange) -> tuple[Message, Message] | None:

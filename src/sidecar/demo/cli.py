@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ),
     )
     demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
-    demo.add_argument("--metrics-port", type=int, default=8081, help="admin port (default 8081)")
+    demo.add_argument("--metrics-port", type=int, default=9101, help="admin port (default 9101)")
     demo.add_argument("--requests", type=int, default=200, help="requests to send (default 200)")
     demo.add_argument(
         "--once", action="store_true", help="exit after the traffic instead of serving"

@@ -72,6 +72,7 @@ class MLServer:
     model_version: str
     log_path: Path
     pid: int
+    grpc_address: str  # host:port of its gRPC (Open Inference Protocol) port
 
     @property
     def infer_url(self) -> str:
@@ -97,9 +98,9 @@ async def run_mlserver(
     mlserver_bin, models = await asyncio.to_thread(_prepare, mlserver_bin, workdir)
     await _train(mlserver_bin.parent / "python", models / MODEL_NAME / "model.joblib")
     log_path = models.parent / "mlserver.log"
-    process, url = await _start(mlserver_bin, models, log_path, ready_timeout)
+    process, url, grpc_address = await _start(mlserver_bin, models, log_path, ready_timeout)
     try:
-        yield MLServer(url, MODEL_NAME, MODEL_VERSION, log_path, process.pid)
+        yield MLServer(url, MODEL_NAME, MODEL_VERSION, log_path, process.pid, grpc_address)
     finally:
         await stop_group(process)
 
@@ -286,8 +287,9 @@ class _PortTaken(Exception):
 
 async def _start(
     mlserver_bin: Path, models: Path, log_path: Path, ready_timeout: float
-) -> tuple[asyncio.subprocess.Process, str]:
-    """Start MLServer on fresh ports until one attempt gets both; return it once ready."""
+) -> tuple[asyncio.subprocess.Process, str, str]:
+    """Start MLServer on fresh ports until one attempt gets both; return it once ready, with
+    its HTTP URL and gRPC address."""
     for _ in range(_BIND_RETRIES):
         http_port, grpc_port = _free_ports(2)
         await asyncio.to_thread(_write_settings, models, http_port, grpc_port)
@@ -306,7 +308,7 @@ async def _start(
         except BaseException:
             await stop_group(process)
             raise
-        return process, url
+        return process, url, f"127.0.0.1:{grpc_port}"
     reason = f"MLServer lost a port to another process {_BIND_RETRIES} times in a row"
     raise MLServerError(await _failure(reason, log_path))
 

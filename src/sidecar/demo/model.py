@@ -79,10 +79,16 @@ def make_model_app(name: str = "iris") -> web.Application:
     async def model_status(request: web.Request) -> web.Response:
         return web.json_response({"name": name, "ready": True})
 
+    async def model_list(request: web.Request) -> web.Response:
+        return web.json_response({"models": [name]})
+
     app = web.Application(client_max_size=64 * 1024 * 1024)  # big batches are part of the demo
     app.router.add_post(f"/v1/models/{name}:predict", v1_predict)
+    # What readiness asks of each protocol (sidecar.readiness), with and without the model's name.
+    app.router.add_get("/v1/models", model_list)
     app.router.add_get(f"/v1/models/{name}", model_status)
     app.router.add_post(f"/v2/models/{name}/infer", v2_infer)
+    app.router.add_get(f"/v2/models/{name}/ready", ready)
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2/health/live", ready)
     return app

@@ -63,8 +63,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _build(args: argparse.Namespace) -> int:
-    # Imported here: pyarrow and tqdm are for this command alone, not for `sidecar serve`.
-    from sidecar.drift import build as builder
+    # Imported here: pyarrow is for this command alone, not for `sidecar serve`.
+    try:
+        from sidecar.drift import build as builder
+    except ModuleNotFoundError as exc:
+        if exc.name != "pyarrow":
+            raise
+        print(
+            "sidecar: profile build reads files through pyarrow, which is not installed: "
+            "pip install 'sidecar[profile]'",
+            file=sys.stderr,
+        )
+        return 2
 
     try:
         profile = builder.build(

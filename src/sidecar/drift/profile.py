@@ -125,6 +125,9 @@ def load(path: str | os.PathLike[str]) -> Profile:
     except OSError as exc:
         msg = f"{path}: cannot read profile: {exc.strerror or exc}"
         raise ProfileError(msg) from exc
+    if not raw.strip():
+        msg = f"profile {path} is empty; make one with `sidecar profile build`"
+        raise ProfileError(msg)
     try:
         version = msgspec.json.decode(raw, type=_Header).version
         if version != VERSION:
@@ -132,10 +135,20 @@ def load(path: str | os.PathLike[str]) -> Profile:
             raise ProfileError(msg)
         profile = msgspec.json.decode(raw, type=Profile)
         validate(profile)
-    except (msgspec.DecodeError, ProfileError) as exc:
+    except (msgspec.ValidationError, ProfileError) as exc:  # JSON, but not a valid profile
         msg = f"{path}: {exc}"
         raise ProfileError(msg) from exc
+    except msgspec.DecodeError as exc:  # not JSON at all, often a copy cut short
+        msg = f"profile {path} is truncated or not a profile: {_json_problem(exc, raw)}"
+        raise ProfileError(msg) from exc
     return profile
+
+
+def _json_problem(error: msgspec.DecodeError, raw: bytes) -> str:
+    """msgspec's reason, in words where its own would puzzle ("Input data was truncated")."""
+    if str(error) == "Input data was truncated":
+        return f"its {len(raw)} bytes end in the middle of the JSON document"
+    return str(error)
 
 
 def validate(profile: Profile) -> None:

@@ -415,7 +415,7 @@ class DriftRecorder(Collector):
             HistogramMetricFamily(f"{p}drift_pit", _HELP["pit"], labels=feature),
             GaugeMetricFamily(f"{p}drift_score", _HELP["score"], labels=[*feature, "stat"]),
             GaugeMetricFamily(f"{p}drift_noise_floor", _HELP["floor"], labels=[*feature, "stat"]),
-            GaugeMetricFamily(f"{p}drift_window_count", _HELP["window"], labels=feature),
+            GaugeMetricFamily(f"{p}drift_window_rows", _HELP["window"], labels=feature),
             GaugeMetricFamily(f"{p}drift_status", _HELP["status"], labels=feature),
             GaugeMetricFamily(f"{p}dataset_drift_share", _HELP["share"], labels=model),
             GaugeMetricFamily(f"{p}dataset_drift", _HELP["dataset"], labels=model),

@@ -1,16 +1,23 @@
-"""The prediction log's writer: one thread that owns the SQLite store and the JSON Lines file.
+"""The prediction log's writer: one thread that owns the store (a SQLite file or a PostgreSQL
+database) and the JSON Lines file.
 
 The event loop only appends to a bounded in-memory queue (`submit`); when the queue holds
 `queue_rows` rows, further predictions are dropped and counted. The thread writes whatever has
 queued in one transaction, runs feedback joins handed to it as jobs, and calls a refresh hook
 every `refresh_seconds`. Turning numpy outputs into rows and features into JSON happens here too,
 off the loop.
+
+A store that becomes unreachable (StoreUnavailable: a database down, too slow or full) is
+closed; until it is opened again, rows are dropped and counted, joins fail fast, and the thread
+retries with a backoff from RECONNECT_FIRST doubling to RECONNECT_MAX seconds. The proxy never
+waits for any of it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 import sys
 import threading
 import time
@@ -27,14 +34,23 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from sidecar.extract.types import FeatureTable, Outputs
 from sidecar.feedback.settings import FeedbackSettings
-from sidecar.feedback.store import MISSING_SEGMENT, LoggedRow, PredictionStore
+from sidecar.feedback.sqlite import SQLiteStore
+from sidecar.feedback.store import (
+    MISSING_SEGMENT,
+    LoggedRow,
+    PredictionStore,
+    StoreUnavailable,
+    is_postgres_url,
+)
 from sidecar.logs import RateLimitedLog
 
-__all__ = ["LogBusy", "PendingPrediction", "PredictionLog", "expand"]
+__all__ = ["LogBusy", "PendingPrediction", "PredictionLog", "expand", "row_record"]
 
 log = logging.getLogger(__name__)
 
 MAX_PENDING_JOBS = 16
+RECONNECT_FIRST = 0.5  # seconds before the first attempt to reopen a store that went away
+RECONNECT_MAX = 30.0  # the backoff doubles up to this
 
 T = TypeVar("T")
 Job = Callable[[PredictionStore], Any]
@@ -67,19 +83,25 @@ class PredictionLog:
         *,
         registry: CollectorRegistry,
         dropped: Counter,
+        up: Gauge,
         refresh: Callable[[PredictionStore, float], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
         self._refresh = refresh
         self._clock = clock
+        self._up = up
         self._wake = threading.Condition()
         self._pending: deque[PendingPrediction] = deque()
         self._pending_rows = 0
         self._jobs: deque[tuple[Job, concurrent.futures.Future[Any]]] = deque()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.store: PredictionStore | None = None
+        self.store: PredictionStore | None = None  # None without a store, or while unreachable
+        # Why the configured store cannot be used now; read by the event loop to answer 503.
+        self.unavailable: str | None = None
+        self._backoff = RECONNECT_FIRST
+        self._next_attempt = math.inf  # monotonic time to reopen the store; inf while it is open
         self._jsonl: IO[bytes] | None = None
         # A full disk fails every batch: the counters count each one, the log says so once a minute.
         self._complaints = RateLimitedLog(log)
@@ -96,17 +118,21 @@ class PredictionLog:
             ["reason"],
             registry=registry,
         )
+        shared = settings.store is not None and is_postgres_url(settings.store)
         self._rows = Gauge(
             "sidecar_prediction_log_rows",
-            "Rows held in the prediction log store.",
-            multiprocess_mode="livesum",  # a store per process: the pod holds them all
+            "Rows held in the prediction log store (on PostgreSQL: the fleet's shared table).",
+            # --workers: a SQLite store per process, the pod holds them all; every worker sees
+            # the same shared PostgreSQL table.
+            multiprocess_mode="livemax" if shared else "livesum",
             registry=registry,
         )
         for reason in ("max_rows", "max_age"):
             self._evicted.labels(reason)
 
     def start(self) -> None:
-        """Start the thread; raise (and leave nothing running) if the store or file won't open."""
+        """Start the thread; raise (and leave nothing running) if the store or file won't open.
+        A store that is only unreachable for now (StoreUnavailable) is retried in the thread."""
         opened: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(
             target=self._run, args=(opened,), name="prediction-log", daemon=True
@@ -139,7 +165,8 @@ class PredictionLog:
             self._wake.notify()
 
     def run(self, job: Callable[[PredictionStore], T]) -> concurrent.futures.Future[T]:
-        """Run `job(store)` on the writer thread after the rows queued before it are written."""
+        """Run `job(store)` on the writer thread after the rows queued before it are written.
+        The future fails with StoreUnavailable if the store is unreachable by then."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._wake:
             if self._stopping or self._thread is None:
@@ -167,12 +194,12 @@ class PredictionLog:
     def _open(self) -> None:
         settings = self._settings
         if settings.store is not None:
-            self.store = PredictionStore(
-                settings.store,
-                max_rows=settings.max_rows,
-                max_age_seconds=settings.max_age_seconds,
-            )
-            self._rows.set(self.store.rows)
+            try:
+                self._attach(open_store(settings))
+            except StoreUnavailable as exc:  # e.g. the database starts after the sidecar
+                self._detach(exc)
+        else:
+            self._up.set(1)
         if settings.jsonl == "-":
             self._jsonl = sys.stdout.buffer
         elif settings.jsonl is not None:
@@ -183,6 +210,7 @@ class PredictionLog:
                 raise
 
     def _close(self) -> None:
+        self._up.set(0)
         if self.store is not None:
             self.store.close()
         if self._jsonl is not None and self._jsonl is not sys.stdout.buffer:
@@ -193,10 +221,13 @@ class PredictionLog:
         while True:
             with self._wake:
                 if not (self._pending or self._jobs or self._stopping):
-                    self._wake.wait(max(0.0, next_refresh - time.monotonic()))
+                    wake_at = min(next_refresh, self._next_attempt)
+                    self._wake.wait(max(0.0, wake_at - time.monotonic()))
                 batch, self._pending, self._pending_rows = self._pending, deque(), 0
                 jobs, self._jobs = self._jobs, deque()
                 done = self._stopping and not batch and not jobs
+            if time.monotonic() >= self._next_attempt:
+                self._reopen()
             if batch:
                 self._write(batch)
             for job, future in jobs:
@@ -221,46 +252,107 @@ class PredictionLog:
                 self._jsonl.flush()
             except OSError as exc:
                 self._complaints.warning("jsonl", "writing the JSON Lines failed", error=str(exc))
-        if self.store is not None:
+        if self._settings.store is not None:
+            if self.store is None:  # unreachable: said once when it went away
+                self._failed.inc(len(rows))
+                return
             try:
-                self._count_evictions(self.store.append(rows, self._clock()))
-            except Exception as exc:  # a full disk must not stop the thread
+                self.store.append(rows)
+            except Exception as exc:  # a full disk or a lost database must not stop the thread
                 self._failed.inc(len(rows))
                 self._complaints.warning(
                     "store", "writing the prediction log failed", error=repr(exc)
                 )
+                if isinstance(exc, StoreUnavailable):
+                    self._detach(exc)
                 return
+            self._evict()
         self._written.inc(len(rows))
 
     def _run_job(self, job: Job, future: concurrent.futures.Future[Any]) -> None:
         if not future.set_running_or_notify_cancel():
             return
+        if self.store is None:
+            missing = "the prediction log has no store"
+            down = self.unavailable
+            future.set_exception(LogBusy(missing) if down is None else StoreUnavailable(down))
+            return
         try:
-            if self.store is None:
-                msg = "the prediction log has no store"
-                raise LogBusy(msg)
             future.set_result(job(self.store))
+        except StoreUnavailable as exc:
+            self._detach(exc)
+            future.set_exception(exc)
         except BaseException as exc:
             future.set_exception(exc)
 
     def _maintain(self) -> None:
         """Age out old rows even without traffic, then let the owner recompute its gauges."""
-        if self.store is None:
-            return
-        now = self._clock()
-        try:
-            self._count_evictions(self.store.evict(now))
-            if self._refresh is not None:
-                self._refresh(self.store, now)
-        except Exception as exc:
-            self._complaints.warning("maintain", "prediction log upkeep failed", error=repr(exc))
+        if self._evict() and self.store is not None and self._refresh is not None:
+            try:
+                self._refresh(self.store, self._clock())
+            except StoreUnavailable as exc:
+                self._detach(exc)
+            except Exception as exc:
+                self._complaints.warning("refresh", "the windowed gauges failed", error=repr(exc))
 
-    def _count_evictions(self, evicted: dict[str, int]) -> None:
+    def _evict(self) -> bool:
+        """Enforce the store's bounds and count what went; False if there is no store to use."""
+        if self.store is None:
+            return False
+        try:
+            evicted = self.store.evict(self._clock())
+        except StoreUnavailable as exc:
+            self._detach(exc)
+            return False
+        except Exception as exc:
+            self._complaints.warning("evict", "prediction log upkeep failed", error=repr(exc))
+            return True
         for reason, count in evicted.items():
             if count:
                 self._evicted.labels(reason).inc(count)
+        self._rows.set(self.store.rows)
+        return True
+
+    def _attach(self, store: PredictionStore) -> None:
+        self.store, self.unavailable = store, None
+        self._backoff, self._next_attempt = RECONNECT_FIRST, math.inf
+        self._rows.set(store.rows)
+        self._up.set(1)
+
+    def _detach(self, exc: StoreUnavailable) -> None:
+        """Close a store that went away (or never came); the loop reopens it after the backoff."""
+        log.warning("the prediction log's store is unreachable", extra={"error": str(exc)})
         if self.store is not None:
-            self._rows.set(self.store.rows)
+            self.store.close()
+        self.store, self.unavailable = None, str(exc)
+        self._next_attempt = time.monotonic() + self._backoff
+        self._up.set(0)
+
+    def _reopen(self) -> None:
+        try:
+            store = open_store(self._settings)
+        except Exception as exc:  # still down, or (a newer schema) not ours to use: keep trying
+            self._backoff = min(self._backoff * 2, RECONNECT_MAX)
+            self._next_attempt = time.monotonic() + self._backoff
+            self.unavailable = str(exc)
+            self._complaints.warning(
+                "reopen", "the prediction log's store is still unreachable", error=str(exc)
+            )
+            return
+        log.info("the prediction log's store is reachable again")
+        self._attach(store)
+
+
+def open_store(settings: FeedbackSettings) -> PredictionStore:
+    """The configured store: a PostgreSQL database for a postgresql:// URL, else a SQLite file."""
+    store, max_rows, max_age = settings.store, settings.max_rows, settings.max_age_seconds
+    assert store is not None
+    if is_postgres_url(store):
+        # Here: psycopg is loaded only by the sidecars that use it (tests/test_footprint.py).
+        from sidecar.feedback.postgres import PostgresStore
+
+        return PostgresStore(store, max_rows=max_rows, max_age_seconds=max_age)
+    return SQLiteStore(store, max_rows=max_rows, max_age_seconds=max_age)
 
 
 def expand(
@@ -340,7 +432,9 @@ def _segment_value(cell: Any) -> str:
     return str(cell)
 
 
-def _jsonl_line(row: LoggedRow) -> bytes:
+def row_record(row: LoggedRow) -> dict[str, Any]:
+    """A logged row as the JSON object that leaves the sidecar: a JSON Lines line, and an item of
+    a prediction event (sidecar.feedback.cloudevents)."""
     record: dict[str, Any] = {
         "timestamp": datetime.fromtimestamp(row.ts, UTC).isoformat(timespec="milliseconds"),
         "request_id": row.request_id,
@@ -353,4 +447,8 @@ def _jsonl_line(row: LoggedRow) -> bytes:
     }
     if row.features is not None:
         record["features"] = orjson.Fragment(row.features)
-    return orjson.dumps(record) + b"\n"
+    return record
+
+
+def _jsonl_line(row: LoggedRow) -> bytes:
+    return orjson.dumps(row_record(row)) + b"\n"

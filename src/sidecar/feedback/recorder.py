@@ -27,7 +27,7 @@ import sqlite3
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from typing import Annotated, NamedTuple
+from typing import Annotated
 
 import msgspec
 import numpy as np
@@ -35,9 +35,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from sidecar.config import Config
 from sidecar.extract.types import Extraction, FeatureTable, Outputs
+from sidecar.feedback.cloudevents import PredictionSink
 from sidecar.feedback.log import LogBusy, PendingPrediction, PredictionLog
 from sidecar.feedback.stats import WindowGauges
-from sidecar.feedback.store import MISSING_SEGMENT, PredictionStore, StoredRow
+from sidecar.feedback.store import (
+    MISSING_SEGMENT,
+    NewLabel,
+    PredictionStore,
+    StoredRow,
+    StoreUnavailable,
+)
 from sidecar.recorders.labels import LabelCap, OverflowCounter
 from sidecar.recorders.red import MODEL_LABELS
 
@@ -122,14 +129,6 @@ def value_label(label: str | int | float) -> float | None:
     return number if math.isfinite(number) else None
 
 
-class _Change(NamedTuple):
-    """A label joined to a logged row: the row as it was and the new label."""
-
-    found: StoredRow
-    label: str | None
-    label_value: float | None
-
-
 class FeedbackRecorder:
     """Prediction log, label joins and the metrics from labels and confidences."""
 
@@ -164,7 +163,17 @@ class FeedbackRecorder:
         self._broken = False
         if settings.store is not None or settings.jsonl is not None:
             self._log = PredictionLog(
-                settings, registry=registry, dropped=dropped, refresh=self._refresh, clock=clock
+                settings,
+                registry=registry,
+                dropped=dropped,
+                up=self._up,
+                refresh=self._refresh,
+                clock=clock,
+            )
+        self._sink: PredictionSink | None = None  # works with or without the log
+        if settings.sink_url is not None:
+            self._sink = PredictionSink(
+                settings.sink_url, settings, registry=registry, dropped=dropped
             )
 
     def _register(self, registry: CollectorRegistry) -> None:
@@ -212,14 +221,18 @@ class FeedbackRecorder:
             self._feedback.labels(*self._default_model, result)
         self._up = Gauge(
             "sidecar_prediction_log_up",
-            "1 while the prediction log (store or JSON Lines) is open; 0 when it is off or failed.",
+            "1 while the prediction log (store or JSON Lines) is open and its store reachable; "
+            "0 when it is off, failed, or its database is unreachable.",
             multiprocess_mode="livemin",  # --workers: 1 while every worker's log is open
             registry=registry,
         )
 
     async def open(self) -> None:
         """Open the store and start its thread. A store that will not open is logged and the
-        sidecar runs without it: the proxy must not depend on a disk."""
+        sidecar runs without it: the proxy must not depend on a disk. A database that is only
+        unreachable is retried by the thread (sidecar_prediction_log_up says which)."""
+        if self._sink is not None:
+            self._sink.start()
         if self._log is None:
             return
         try:
@@ -227,14 +240,13 @@ class FeedbackRecorder:
         except Exception:
             log.exception("the prediction log could not be opened; running without it")
             self._log, self._broken = None, True
-            return
-        self._up.set(1)
 
     async def close(self) -> None:
-        """Write what is queued and close the store."""
+        """Write what is queued and close the store; send what waits for the sink."""
+        if self._sink is not None:
+            await asyncio.to_thread(self._sink.stop)
         if self._log is not None:
             await asyncio.to_thread(self._log.stop)
-            self._up.set(0)
 
     def record(
         self, model: tuple[str, str], request_id: str, extraction: Extraction, seconds: float
@@ -252,7 +264,7 @@ class FeedbackRecorder:
         each one's request id, seconds and rows, in the order of the extraction's rows (read
         only when predictions are logged)."""
         self._count_expected(model, extraction.outputs)
-        if self._log is None:
+        if self._log is None and self._sink is None:
             return
         start = 0
         for request_id, seconds, rows in members:
@@ -286,14 +298,17 @@ class FeedbackRecorder:
         seconds: float,
         rows: int,
     ) -> None:
-        """Hand one exchange's rows to the log's thread, if its request id is sampled."""
-        if self._log is None or zlib.crc32(request_id.encode()) >= self._sample_below:
+        """Hand one exchange's rows to the log's and the sink's threads, if its request id is
+        sampled."""
+        if zlib.crc32(request_id.encode()) >= self._sample_below:
             return
-        self._log.submit(
-            PendingPrediction(
-                self._clock(), request_id, model, outputs, features, seconds * 1000.0, rows
-            )
+        prediction = PendingPrediction(
+            self._clock(), request_id, model, outputs, features, seconds * 1000.0, rows
         )
+        if self._log is not None:
+            self._log.submit(prediction)
+        if self._sink is not None:
+            self._sink.submit(prediction)
 
     async def apply(self, items: Sequence[FeedbackItem]) -> dict[str, int]:
         """Join labels to logged rows on the log's thread; counts by result."""
@@ -304,10 +319,15 @@ class FeedbackRecorder:
                 else "no prediction log to join labels to: set feedback.store"
             )
             raise FeedbackError(503, reason)
+        # Fail fast while the database is away, rather than queue behind a reconnect.
+        if (down := self._log.unavailable) is not None:
+            raise FeedbackError(503, f"the prediction log's store is unreachable: {down}")
         try:
             return await asyncio.wrap_future(self._log.run(functools.partial(self._join, items)))
         except LogBusy as exc:
             raise FeedbackError(503, str(exc)) from None
+        except StoreUnavailable as exc:
+            raise FeedbackError(503, f"the prediction log's store is unreachable: {exc}") from None
         except sqlite3.Error as exc:
             log.warning("a feedback join failed", exc_info=True)
             raise FeedbackError(503, f"the prediction log failed: {exc}") from None
@@ -327,15 +347,21 @@ class FeedbackRecorder:
         now = self._clock()
         counts = dict.fromkeys(RESULTS, 0)
         results: list[tuple[tuple[str, str], str]] = []
-        changes: list[_Change] = []
+        changes: list[NewLabel] = []
         with store.transaction():
+            # One lookup for the whole call: a shared database is a round trip away.
+            rows = store.find((item.request_id, item.row) for item in items)
             for item in items:
-                found = store.find(item.request_id, item.row)
+                found = rows.get((item.request_id, item.row))
                 result, change = self._match(found, item)
                 # The same label again is a no-op, so replaying a call changes no figure.
                 if change is not None and not _same_label(change):
-                    store.set_label(change.found, change.label, change.label_value, now)
                     changes.append(change)
+                    # A later item of this call for the same row finds this label, as it would
+                    # had it been posted in a call of its own.
+                    rows[item.request_id, item.row] = change.found._replace(
+                        label=change.label, label_value=change.label_value, labelled_at=now
+                    )
                 model = (
                     self._default_model
                     if found is None
@@ -343,6 +369,8 @@ class FeedbackRecorder:
                 )
                 results.append((model, result))
                 counts[result] += 1
+            # The row keeps the call's last label for it.
+            store.set_labels(list({new.found.id: new for new in changes}.values()), now)
         # Counted after the commit, so a failed transaction counts nothing.
         for model, result in results:
             self._feedback.labels(*model, result).inc()
@@ -350,18 +378,18 @@ class FeedbackRecorder:
             self._count(change)
         return counts
 
-    def _match(self, found: StoredRow | None, item: FeedbackItem) -> tuple[str, _Change | None]:
+    def _match(self, found: StoredRow | None, item: FeedbackItem) -> tuple[str, NewLabel | None]:
         if found is None:
             return "unmatched", None
         if found.predicted is not None:
-            change = _Change(found, class_label(item.label, self._class_names), None)
+            change = NewLabel(found, class_label(item.label, self._class_names), None)
         elif found.value is not None and (number := value_label(item.label)) is not None:
-            change = _Change(found, None, number)
+            change = NewLabel(found, None, number)
         else:
             return "invalid", None
         return ("matched" if found.labelled_at is None else "duplicate"), change
 
-    def _count(self, change: _Change) -> None:
+    def _count(self, change: NewLabel) -> None:
         found = change.found
         model = (found.model_name, found.model_version)
         segment = self._fold_segment(model, found.segment) if self._settings.segment else ""
@@ -410,7 +438,7 @@ class FeedbackRecorder:
         return cap.fold(value or MISSING_SEGMENT)
 
 
-def _same_label(change: _Change) -> bool:
+def _same_label(change: NewLabel) -> bool:
     found = change.found
     return found.labelled_at is not None and (found.label, found.label_value) == (
         change.label,

@@ -1,10 +1,12 @@
 """Quality figures from labelled rows: accuracy, per-class precision, recall and F1, macro F1, MAE
-and RMSE over windows of the prediction log, exported as gauges of one pod.
+and RMSE over windows of the prediction log, exported as gauges.
 
-The writer thread recomputes them from the store (`WindowGauges.refresh`) and swaps in a new
-snapshot; a scrape only reads that snapshot. The fleet-wide, mergeable figures come from the
-counters in feedback.py and the recording rules; these gauges are for one replica and for windows
-counted in rows, which PromQL cannot express.
+The writer thread recomputes them from the store (`WindowGauges.refresh`, grouped in SQL) and
+swaps in a new snapshot; a scrape only reads that snapshot. The fleet-wide, mergeable figures come
+from the counters in recorder.py and the recording rules; these gauges are for windows counted in
+rows, which PromQL cannot express. They are figures of the store: one pod's SQLite file, or the
+fleet's shared PostgreSQL table, where every replica reports the same fleet figure (aggregate
+them with max(), never sum()).
 """
 
 from __future__ import annotations
@@ -29,26 +31,29 @@ ALL_ROWS = ""  # the segment label of figures over every row of the window
 
 # name -> (help, labels after model_name and model_version)
 FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "ml_labelled_rows": ("Labelled rows in the window (per pod).", ("window", "segment")),
+    "ml_labelled_rows": ("Labelled rows in the window (per store).", ("window", "segment")),
     "ml_accuracy": (
-        "Share of labelled rows whose predicted class was the label, over the window (per pod).",
+        "Share of labelled rows whose predicted class was the label, over the window (per store).",
         ("window", "segment"),
     ),
     "ml_precision": (
-        "Of the rows predicted as this class, the share labelled so (per pod).",
+        "Of the rows predicted as this class, the share labelled so (per store).",
         ("window", "segment", "class"),
     ),
     "ml_recall": (
-        "Of the rows labelled as this class, the share predicted so (per pod).",
+        "Of the rows labelled as this class, the share predicted so (per store).",
         ("window", "segment", "class"),
     ),
-    "ml_f1": ("Harmonic mean of precision and recall (per pod).", ("window", "segment", "class")),
+    "ml_f1": ("Harmonic mean of precision and recall (per store).", ("window", "segment", "class")),
     "ml_macro_f1": (
-        "Unweighted mean of F1 over every class labelled or predicted in the window (per pod).",
+        "Unweighted mean of F1 over every class labelled or predicted in the window (per store).",
         ("window", "segment"),
     ),
-    "ml_mae": ("Mean absolute error of regression outputs (per pod).", ("window", "segment")),
-    "ml_rmse": ("Root mean squared error of regression outputs (per pod).", ("window", "segment")),
+    "ml_mae": ("Mean absolute error of regression outputs (per store).", ("window", "segment")),
+    "ml_rmse": (
+        "Root mean squared error of regression outputs (per store).",
+        ("window", "segment"),
+    ),
 }
 
 Sample = tuple[str, tuple[str, ...], float]
@@ -148,7 +153,7 @@ class WindowGauges(Collector):
     def refresh(self, store: PredictionStore, now: float) -> None:
         """Recompute every window from the store; runs on the prediction log's thread."""
         samples: list[Sample] = []
-        for model in sorted(store.labelled_models):
+        for model in sorted(store.labelled_models()):
             for window, last_rows, seconds in self._windows:
                 since = None if seconds is None else now - seconds
                 groups = store.window(model, last_rows=last_rows, since=since)

@@ -1,64 +1,48 @@
-"""The SQLite file behind the prediction log: one row per predicted row, bounded by count and age.
+"""What the prediction log keeps and how it is asked: the rows, and the store interface that the
+SQLite file (sqlite.py) and the shared PostgreSQL table (postgres.py) both implement.
 
-Used by exactly one thread (the prediction log's writer); nothing here is async. Rows are appended
-in id order, so the oldest rows are the lowest ids and eviction only ever removes a prefix.
+A store is used by exactly one thread (the prediction log's writer); nothing here is async. Rows
+are appended in id order, so the oldest rows are the lowest ids and eviction removes a prefix.
 """
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, NamedTuple
+import re
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
+from typing import NamedTuple, Protocol
 
-__all__ = ["MISSING_SEGMENT", "Group", "LoggedRow", "PredictionStore", "StoredRow"]
+__all__ = [
+    "MISSING_SEGMENT",
+    "Group",
+    "LoggedRow",
+    "NewLabel",
+    "PredictionStore",
+    "RowKey",
+    "StoreUnavailable",
+    "StoredRow",
+    "is_postgres_url",
+]
 
-SCHEMA_VERSION = 1
 MISSING_SEGMENT = "__missing__"  # the segment of a row without the segment feature
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS predictions (
-    id INTEGER PRIMARY KEY,
-    request_id TEXT NOT NULL,
-    row INTEGER NOT NULL,
-    ts REAL NOT NULL,
-    model_name TEXT NOT NULL,
-    model_version TEXT NOT NULL,
-    predicted TEXT,
-    confidence REAL,
-    value REAL,
-    segment TEXT,
-    features TEXT,
-    latency_ms REAL,
-    label TEXT,
-    label_value REAL,
-    labelled_at REAL
-);
-CREATE INDEX IF NOT EXISTS predictions_request ON predictions (request_id, row);
-CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts);
-CREATE INDEX IF NOT EXISTS predictions_labelled
-    ON predictions (model_name, model_version, labelled_at) WHERE labelled_at IS NOT NULL;
-"""
+_POSTGRES_URL = re.compile(r"postgres(ql)?://")  # libpq takes no other spelling
 
-_INSERT = (
-    "INSERT INTO predictions (request_id, row, ts, model_name, model_version, predicted, "
-    "confidence, value, segment, features, latency_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_FIND = (
-    "SELECT id, model_name, model_version, predicted, value, segment, label, label_value, "
-    "labelled_at FROM predictions WHERE request_id = ? AND row = ? ORDER BY id DESC LIMIT 1"
-)
-# The newest labelled rows of one model; the partial index serves both the filter and the order.
-_LABELLED = (
-    "SELECT label, predicted, segment, value, label_value FROM predictions "
-    "WHERE model_name = ? AND model_version = ? AND labelled_at IS NOT NULL"
-)
-_GROUPED = (
-    "SELECT label, predicted, segment, count(*), sum(abs(value - label_value)), "
-    "sum((value - label_value) * (value - label_value)) FROM ({inner}) "
-    "GROUP BY label, predicted, segment"
-)
+RowKey = tuple[str, int]  # (request_id, row): what a label names
+
+
+def is_postgres_url(store: str) -> bool:
+    """Whether `feedback.store` names a PostgreSQL database rather than a SQLite file.
+
+    >>> is_postgres_url("postgres://u@db/x"), is_postgres_url("/var/lib/sidecar/p.db")
+    (True, False)
+    """
+    return _POSTGRES_URL.match(store) is not None
+
+
+class StoreUnavailable(ConnectionError):
+    """The store cannot be reached now (database down, too slow, full): the writer drops rows,
+    /feedback answers 503, and the store is opened again later."""
 
 
 class LoggedRow(NamedTuple):
@@ -91,6 +75,14 @@ class StoredRow(NamedTuple):
     labelled_at: float | None
 
 
+class NewLabel(NamedTuple):
+    """A label joined to a logged row: the row as it was found, and the label it now gets."""
+
+    found: StoredRow
+    label: str | None
+    label_value: float | None
+
+
 class Group(NamedTuple):
     """Labelled rows of a window with the same (label, predicted, segment), and their errors."""
 
@@ -102,100 +94,45 @@ class Group(NamedTuple):
     squared_error: float | None
 
 
-class PredictionStore:
-    """The prediction table in a SQLite file in WAL mode.
+class PredictionStore(Protocol):
+    """The prediction table, bounded by `max_rows` and `max_age_seconds`.
 
-    `max_rows` and `max_age_seconds` bound it; `evict` removes the oldest rows first and says how
-    many went for each reason. `rows` is kept up to date without counting the table.
+    `rows` is how many rows it holds, kept up to date without counting the table. A store that
+    loses its database raises StoreUnavailable from any method; the caller closes it and opens a
+    new one later.
     """
 
-    def __init__(self, path: str, *, max_rows: int, max_age_seconds: float) -> None:
-        if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.max_rows = max_rows
-        self.max_age_seconds = max_age_seconds
-        # Autocommit mode: transactions are explicit (one per batch, one per feedback call).
-        self._db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
-        try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # WAL + NORMAL: a crash of the process loses nothing; a power cut loses the last batch.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            self.rows: int = self._db.execute("SELECT count(*) FROM predictions").fetchone()[0]
-            self.labelled_models: set[tuple[str, str]] = set(
-                self._db.execute(
-                    "SELECT DISTINCT model_name, model_version FROM predictions "
-                    "WHERE labelled_at IS NOT NULL"
-                ).fetchall()
-            )
-        except BaseException:
-            self._db.close()
-            raise
+    rows: int
 
-    def close(self) -> None:
-        self._db.close()
+    def close(self) -> None: ...
 
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def transaction(self) -> AbstractContextManager[None]:
+        """One transaction around a feedback join: the rows found stay as found until it ends."""
+        ...
 
-    def append(self, rows: Sequence[LoggedRow], now: float) -> dict[str, int]:
-        """Insert a batch and evict in the same transaction; return evictions by reason."""
-        with self.transaction():
-            self._db.executemany(_INSERT, rows)
-            self.rows += len(rows)
-            return self._evict(now)
+    def append(self, rows: Sequence[LoggedRow]) -> None:
+        """Insert a batch, in one transaction."""
+        ...
 
     def evict(self, now: float) -> dict[str, int]:
-        with self.transaction():
-            return self._evict(now)
+        """Remove the oldest rows beyond the bounds; how many went for each reason."""
+        ...
 
-    def _evict(self, now: float) -> dict[str, int]:
-        aged = self._db.execute(
-            "DELETE FROM predictions WHERE ts < ?", (now - self.max_age_seconds,)
-        ).rowcount
-        # Ids grow by one per row and only a prefix is ever deleted, so this keeps the newest
-        # max_rows rows, found through the primary key rather than by counting the table.
-        over = self._db.execute(
-            "DELETE FROM predictions WHERE id <= (SELECT max(id) FROM predictions) - ?",
-            (self.max_rows,),
-        ).rowcount
-        self.rows -= aged + over
-        return {"max_age": aged, "max_rows": over}
+    def find(self, keys: Iterable[RowKey]) -> dict[RowKey, StoredRow]:
+        """The newest logged row for each (request_id, row) that has one (ids may repeat)."""
+        ...
 
-    def find(self, request_id: str, row: int) -> StoredRow | None:
-        """The newest logged row with this request id and row index (ids may repeat)."""
-        found = self._db.execute(_FIND, (request_id, row)).fetchone()
-        return None if found is None else StoredRow(*found)
+    def set_labels(self, labels: Sequence[NewLabel], now: float) -> None:
+        """Store each label on its row (one label per row id), stamped `now`."""
+        ...
 
-    def set_label(
-        self, found: StoredRow, label: str | None, label_value: float | None, now: float
-    ) -> None:
-        self._db.execute(
-            "UPDATE predictions SET label = ?, label_value = ?, labelled_at = ? WHERE id = ?",
-            (label, label_value, now, found.id),
-        )
-        self.labelled_models.add((found.model_name, found.model_version))
+    def labelled_models(self) -> set[tuple[str, str]]:
+        """(model_name, model_version) of every model that has had a label."""
+        ...
 
     def window(
         self, model: tuple[str, str], *, last_rows: int | None = None, since: float | None = None
     ) -> list[Group]:
         """Labelled rows of a model grouped by (label, predicted, segment): the `last_rows` most
         recently labelled, or those labelled at or after `since`."""
-        inner = _LABELLED
-        params: list[Any] = list(model)
-        if since is not None:
-            inner += " AND labelled_at >= ?"
-            params.append(since)
-        if last_rows is not None:
-            inner += " ORDER BY labelled_at DESC, id DESC LIMIT ?"
-            params.append(last_rows)
-        query = _GROUPED.format(inner=inner)
-        return [Group(*found) for found in self._db.execute(query, params).fetchall()]
+        ...

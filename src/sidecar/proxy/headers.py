@@ -54,7 +54,12 @@ _READ_BY_EXTRACTION = frozenset(
     {b"content-type", b"content-encoding", b"inference-header-content-length"}
 )
 # Lower-case names the proxy acts on, or notes. Every other header passes without a second look.
-NOTED = HOP_BY_HOP | {b"content-length", b"expect", b"host", _REQUEST_ID} | _READ_BY_EXTRACTION
+# traceparent (W3C Trace Context): its trace id becomes the latency histograms' exemplar.
+NOTED = (
+    HOP_BY_HOP
+    | {b"content-length", b"expect", b"host", _REQUEST_ID, b"traceparent"}
+    | _READ_BY_EXTRACTION
+)
 _NOT_NAMES = HOP_BY_HOP | {b"close", b""}  # Connection tokens that drop nothing more
 # Noted with every value, joined: Connection and Transfer-Encoding are lists; Host is not, and a
 # comma in what is noted of it says that it came more than once.
@@ -206,3 +211,16 @@ class HeaderView(Mapping[str, str]):
 
     def __repr__(self) -> str:
         return f"HeaderView({self._raw!r})"
+
+
+def trace_id(traceparent: bytes | None) -> str | None:
+    """The trace id of a W3C traceparent (`00-<32 hex>-<16 hex>-<2 hex>`), None unless valid:
+    a version byte other than ff, and a trace id of 32 lower-case hex digits, not all zero."""
+    if traceparent is None or len(traceparent) < 55 or traceparent[2:3] != b"-":
+        return None
+    version, found = traceparent[:2], traceparent[3:35]
+    if version == b"ff" or traceparent[35:36] != b"-" or found == b"0" * 32:
+        return None
+    if not all(c in b"0123456789abcdef" for c in version + found):
+        return None
+    return found.decode("ascii")

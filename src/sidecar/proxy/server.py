@@ -16,7 +16,14 @@ from types import MappingProxyType
 from typing import Any
 
 from sidecar.exchange import Exchange, ExchangeObserver
-from sidecar.proxy.headers import REQUEST_ID, HeaderView, RawHeaders, new_request_id, parse_length
+from sidecar.proxy.headers import (
+    REQUEST_ID,
+    HeaderView,
+    RawHeaders,
+    new_request_id,
+    parse_length,
+    trace_id,
+)
 from sidecar.proxy.http1 import BodyReader, ClientBodyTimeout, HttpConnection, Request
 from sidecar.proxy.pool import UpstreamConnection, UpstreamPool, UpstreamResponse, may_resend
 from sidecar.proxy.upstream import UpstreamError, UpstreamReset
@@ -55,10 +62,13 @@ class ProxyHandler:
         observer: ExchangeObserver[Any],
         *,
         max_body_bytes: int,
+        reply_request_id: bool = True,
     ) -> None:
         self.pool = pool
         self.observer = observer
         self.max_body = max_body_bytes
+        # Add the request id to replies that carry none (README: on by default).
+        self.reply_request_id = reply_request_id
         self.whole_body_limit = min(max_body_bytes, WHOLE_BODY_LIMIT)
 
     def __call__(self, request: Request, client: HttpConnection) -> Awaitable[None] | None:
@@ -123,7 +133,7 @@ class _Exchange:
             self._client.continue_with(self.run(upstream))
             return
         try:
-            _reply(upstream, self.request_id, self.record)
+            _reply(upstream, self.request_id, self.record, self._handler.reply_request_id)
             _send_whole(self._client, upstream, self.record)
         except ConnectionError:  # the client has gone
             self.record.fail("client_disconnect")
@@ -177,7 +187,7 @@ class _Exchange:
                 if upstream is None:
                     return  # answered with the upstream's failure
             try:
-                strip = _reply(upstream, self.request_id, record)
+                strip = _reply(upstream, self.request_id, record, self._handler.reply_request_id)
                 if upstream.arrived and strip is None:
                     _send_whole(client, upstream, record)  # here whole by now: no await
                 else:
@@ -261,11 +271,17 @@ def _send_whole(client: HttpConnection, upstream: UpstreamResponse, record: _Rec
     )
 
 
-def _reply(upstream: UpstreamResponse, request_id: str, record: _Record) -> UsageFilter | None:
+def _reply(
+    upstream: UpstreamResponse, request_id: str, record: _Record, add_id: bool
+) -> UsageFilter | None:
     """Settle the reply's head: the upstream's status line and end-to-end headers as sent, plus
-    the request id if it did not echo one. Returns the usage filter its body must go through,
-    if inject_usage rewrote the request."""
-    if b"x-request-id" not in upstream.noted:
+    the request id if it did not send one (and `add_id`). The exchange is recorded under the id
+    the client receives: the upstream's own when it set one (TorchServe does). Returns the usage
+    filter its body must go through, if inject_usage rewrote the request."""
+    own = upstream.noted.get(b"x-request-id")
+    if own is not None:
+        record.reply_id = own.decode(_ID_CODEC)
+    elif add_id:
         upstream.headers.append((_REQUEST_ID, request_id.encode(_ID_CODEC)))
     record.status = upstream.status
     if not (record.capture or record.strip_usage):
@@ -326,6 +342,7 @@ class _Record:
         "arrivals",
         "capture",
         "error",
+        "reply_id",
         "request_chunks",
         "request_size",
         "response_headers",
@@ -353,6 +370,7 @@ class _Record:
         self.error: str | None = None
         self.arrivals: list[tuple[int, float]] = []
         self.strip_usage = False  # inject_usage rewrote the request: hide the usage event
+        self.reply_id: str | None = None  # the upstream's own X-Request-ID, if it sent one
 
     def whole_request(self, body: bytes | None) -> bytes | None:
         """A request body read whole (None or b"": none)."""
@@ -393,7 +411,7 @@ class _Record:
             method=request.method,
             path=request.path,
             status=self.status,
-            request_id=request_id,
+            request_id=self.reply_id or request_id,
             request_headers=headers,
             response_headers=self.response_headers,
             request_body=b"".join(self.request_chunks) if self.request_chunks else None,
@@ -405,6 +423,7 @@ class _Record:
             error=self.error,
             truncated=self.truncated,
             arrivals=self.arrivals,
+            trace_id=trace_id(request.noted.get(b"traceparent")),
         )
 
 

@@ -7,24 +7,16 @@ payload-derived label; `route` tells chat, completions and embeddings apart.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from sidecar.buckets import DEFAULT_BUCKETS
 from sidecar.extract.types import Generation
 from sidecar.recorders.batch import observe_many
 from sidecar.recorders.labels import LabelCap, OverflowCounter
 from sidecar.recorders.red import MODEL_LABELS
-
-TTFT_BUCKETS = (
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 20.0, 60.0,
-)  # fmt: skip
-TOKEN_GAP_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
-    0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
-)  # fmt: skip
-# 1-2-5 steps from one token (or character) to a million.
-LENGTH_BUCKETS = tuple(float(m * 10**e) for e in range(7) for m in (1, 2, 5))[:-2]
 
 ABORT_REASONS = ("client_disconnect", "upstream_reset", "upstream_timeout")
 
@@ -33,7 +25,12 @@ class LlmRecorder:
     """Owns the LLM series; children are bound once per (model, route) and reused."""
 
     def __init__(
-        self, registry: CollectorRegistry, *, overflow: OverflowCounter, label_cap: int
+        self,
+        registry: CollectorRegistry,
+        *,
+        overflow: OverflowCounter,
+        label_cap: int,
+        buckets: Mapping[str, Sequence[float]] = DEFAULT_BUCKETS,
     ) -> None:
         labels = [*MODEL_LABELS, "route"]
         self._ttft = Histogram(
@@ -41,7 +38,8 @@ class LlmRecorder:
             "Streamed replies: from the request's arrival at the sidecar to the first event that "
             "carried output (text, reasoning or a tool call).",
             labels,
-            buckets=TTFT_BUCKETS,
+            buckets=buckets["ml_time_to_first_token_seconds"],
+            unit="seconds",
             registry=registry,
         )
         self._gap = Histogram(
@@ -49,7 +47,8 @@ class LlmRecorder:
             "Streamed replies: time between consecutive output events (inter-token latency; "
             "one observation per event, and an event usually carries one token).",
             labels,
-            buckets=TOKEN_GAP_BUCKETS,
+            buckets=buckets["ml_time_per_output_token_seconds"],
+            unit="seconds",
             registry=registry,
         )
         self._tokens = Counter(
@@ -84,7 +83,7 @@ class LlmRecorder:
                 f"ml_{name}",
                 f"{what} per call: {unit}.",
                 labels,
-                buckets=LENGTH_BUCKETS,
+                buckets=buckets[f"ml_{name}"],
                 registry=registry,
             )
             for name, what, unit in (

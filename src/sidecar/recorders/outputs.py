@@ -4,19 +4,16 @@ and batch size, recorded per batch."""
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from sidecar.buckets import DEFAULT_BUCKETS
 from sidecar.extract.types import Outputs
 from sidecar.recorders.batch import observe_many
 from sidecar.recorders.labels import Children, LabelCap, OverflowCounter
 from sidecar.recorders.red import MODEL_LABELS
-
-CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
-BATCH_BUCKETS = tuple(float(2**k) for k in range(17))  # 1 ... 65,536 rows
-VALUE_BUCKETS = (-1000.0, -100.0, -10.0, -1.0, 0.0, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 
 
 class OutputRecorder:
@@ -29,6 +26,7 @@ class OutputRecorder:
         overflow: OverflowCounter,
         label_cap: int,
         low_confidence_threshold: float,
+        buckets: Mapping[str, Sequence[float]] = DEFAULT_BUCKETS,
     ) -> None:
         self._overflow = overflow
         self._label_cap = label_cap
@@ -47,7 +45,7 @@ class OutputRecorder:
                 "ml_prediction_confidence",
                 "Confidence of the predicted class (the highest probability), per row.",
                 MODEL_LABELS,
-                buckets=CONFIDENCE_BUCKETS,
+                buckets=buckets["ml_prediction_confidence"],
                 registry=registry,
             )
         )
@@ -65,7 +63,7 @@ class OutputRecorder:
                 "ml_prediction_value",
                 "Regression outputs, per row.",
                 MODEL_LABELS,
-                buckets=VALUE_BUCKETS,
+                buckets=buckets["ml_prediction_value"],
                 registry=registry,
             )
         )
@@ -74,7 +72,7 @@ class OutputRecorder:
                 "ml_batch_size",
                 "Rows per request.",
                 [*MODEL_LABELS, "route"],
-                buckets=BATCH_BUCKETS,
+                buckets=buckets["ml_batch_size"],
                 registry=registry,
             )
         )

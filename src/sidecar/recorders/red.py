@@ -4,21 +4,19 @@ from the proxy's own."""
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from sidecar.buckets import DEFAULT_BUCKETS
 from sidecar.exchange import Exchange
-from sidecar.recorders.batch import observe_many
+from sidecar.recorders.batch import observe_many, set_exemplars
 from sidecar.recorders.labels import Children
 
 MODEL_LABELS = ("model_name", "model_version")
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
-SIZE_BUCKETS = tuple(float(4**k * 64) for k in range(11))  # 64 B ... 64 MiB
 
 # Fewer exchanges than this are recorded one by one: numpy's set-up costs more than it saves.
 _FEW = 8
@@ -37,15 +35,26 @@ def error_type(status: int, error: str | None) -> str | None:
     return None
 
 
+def _code(status: int, grpc_status: str | None) -> str:
+    """The `code` label: the HTTP status, or a gRPC call's status name."""
+    return str(status) if grpc_status is None else grpc_status
+
+
 class RedRecorder:
     """Owns the RED series. Label children are bound once per label set and reused."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        buckets: Mapping[str, Sequence[float]] = DEFAULT_BUCKETS,
+    ) -> None:
         route_labels = [*MODEL_LABELS, "route"]
         self._requests = Children(
             Counter(
                 "ml_requests_total",
-                "Requests relayed, by route, method and the status code the client got.",
+                "Requests relayed, by route, method and the status code the client got (a gRPC "
+                "call's status name, e.g. OK or UNAVAILABLE).",
                 [*route_labels, "method", "code"],
                 registry=registry,
             )
@@ -65,35 +74,40 @@ class RedRecorder:
             "ml_request_duration_seconds",
             "End-to-end time in the sidecar, from request arrival to the last byte sent.",
             route_labels,
-            buckets=LATENCY_BUCKETS,
+            buckets=buckets["ml_request_duration_seconds"],
+            unit="seconds",
             registry=registry,
         )
         self._upstream = Histogram(
             "ml_upstream_duration_seconds",
             "Time from sending the request upstream to its last response byte.",
             route_labels,
-            buckets=LATENCY_BUCKETS,
+            buckets=buckets["ml_upstream_duration_seconds"],
+            unit="seconds",
             registry=registry,
         )
         self._overhead = Histogram(
             "sidecar_overhead_seconds",
             "Time the proxy hop adds: end-to-end time minus upstream time.",
             MODEL_LABELS,
-            buckets=OVERHEAD_BUCKETS,
+            buckets=buckets["sidecar_overhead_seconds"],
+            unit="seconds",
             registry=registry,
         )
         self._request_size = Histogram(
             "ml_request_size_bytes",
             "Request body size.",
             route_labels,
-            buckets=SIZE_BUCKETS,
+            buckets=buckets["ml_request_size_bytes"],
+            unit="bytes",
             registry=registry,
         )
         self._response_size = Histogram(
             "ml_response_size_bytes",
             "Response body size.",
             route_labels,
-            buckets=SIZE_BUCKETS,
+            buckets=buckets["ml_response_size_bytes"],
+            unit="bytes",
             registry=registry,
         )
         self._in_progress = Gauge(
@@ -114,14 +128,16 @@ class RedRecorder:
 
     def record(self, model: tuple[str, str], route: str, exchange: Exchange) -> None:
         children = self._children(model, route)
-        children.duration.observe(exchange.total_seconds)
+        # A traced request links its latency buckets to its trace (OpenMetrics exemplars).
+        exemplar = {"trace_id": exchange.trace_id} if exchange.trace_id else None
+        children.duration.observe(exchange.total_seconds, exemplar)
         children.request_size.observe(exchange.request_size)
         if exchange.upstream_seconds > 0:
-            children.upstream.observe(exchange.upstream_seconds)
+            children.upstream.observe(exchange.upstream_seconds, exemplar)
             children.response_size.observe(exchange.response_size)
             children.overhead.observe(max(exchange.total_seconds - exchange.upstream_seconds, 0.0))
         method = exchange.method if exchange.method in _KNOWN_METHODS else "OTHER"
-        self._requests(*model, route, method, str(exchange.status)).inc()
+        self._requests(*model, route, method, _code(exchange.status, exchange.grpc_status)).inc()
         failure = error_type(exchange.status, exchange.error)
         if failure is not None:
             self.count_error(model, route, failure)
@@ -148,10 +164,17 @@ class RedRecorder:
             observe_many(children.upstream, upstream[answered])
             observe_many(children.response_size, response_size[answered])
             observe_many(children.overhead, np.maximum(total - upstream, 0.0)[answered])
-        outcomes = Tally((e.method, e.status, e.error) for e in exchanges)
-        for (method, status, error), count in outcomes.items():
+        traced = [(e, e.trace_id) for e in exchanges if e.trace_id is not None]
+        if traced:
+            set_exemplars(children.duration, [(e.total_seconds, tid) for e, tid in traced])
+            set_exemplars(
+                children.upstream,
+                [(e.upstream_seconds, tid) for e, tid in traced if e.upstream_seconds > 0],
+            )
+        outcomes = Tally((e.method, e.status, e.grpc_status, e.error) for e in exchanges)
+        for (method, status, grpc_status, error), count in outcomes.items():
             label = method if method in _KNOWN_METHODS else "OTHER"
-            self._requests(*model, route, label, str(status)).inc(count)
+            self._requests(*model, route, label, _code(status, grpc_status)).inc(count)
             failure = error_type(status, error)
             if failure is not None:
                 self.count_error(model, route, failure, count)

@@ -1,44 +1,56 @@
-"""Metrics that prometheus_client's multiprocess mode cannot merge, merged across workers by hand.
+"""Every worker's metrics, merged on the supervisor from snapshots of whole registries.
 
-With `--workers N` every Counter, Gauge and Histogram keeps its values in mmap files that
-`MultiProcessCollector` adds up on the supervisor. Custom collectors do not: drift, the labelled
-windows, and the process and platform figures are computed at scrape time inside one process.
-So each worker writes what those collectors yield to a snapshot file, every `PERIOD` seconds and
-at exit, and the supervisor's `SnapshotMerge` merges the snapshots of all workers sample by
+With `--workers N` each worker keeps its metrics in an ordinary in-process registry (an update
+is an add under the value's own lock: no shared file, no getpid()) and hands the supervisor a
+snapshot of all it exports, families of samples in msgpack (workers/channel.py carries them).
+The supervisor's `SnapshotMerge` merges the latest snapshot of every running worker sample by
 sample: counters and histograms add up; a gauge is summed, or its largest or smallest value
-kept, by `GAUGE_MERGE`. A dead worker's counters and histograms stay (retire()), its gauges go.
+kept, by the policy its snapshot names: from the `multiprocess_mode` a Gauge was declared with
+(the mode that would merge prometheus_client's multiprocess files the same way), or for the
+gauges of custom collectors from `GAUGE_MERGE`. When a worker exits, the counters and
+histograms of its last snapshot are folded into a retired total, so that no counter goes down
+across restarts; its gauges go, whatever their mode.
+
+A Gauge's mode is prometheus_client's private `_multiprocess_mode`: tests/test_prometheus_
+internals.py checks it against the installed version.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+import operator
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
 import msgspec
-from prometheus_client import CollectorRegistry
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar
 
-from sidecar.files import write_atomically
 from sidecar.logs import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
-PERIOD = 1.0  # seconds between snapshots: how far behind a merged drift counter may be
-SUFFIX = ".snapshot"  # not .db: MultiProcessCollector reads every *.db file of the directory
-
 Policy = Literal["sum", "max", "min"]
 
-# How a gauge merges over the workers of one sidecar; unlisted gauges keep their largest value.
-# Largest is right for what is the same in every worker (reference fractions, python_info,
+# How a Gauge merges over the workers, by its multiprocess_mode. Only the running workers'
+# snapshots hold gauges, so "sum" and "livesum" (and so on) merge alike.
+MODE_POLICY: dict[str, Policy] = {
+    "sum": "sum",
+    "livesum": "sum",
+    "max": "max",
+    "livemax": "max",
+    "min": "min",
+    "livemin": "min",
+}
+# How the gauges of custom collectors merge; unlisted gauges keep their largest value. Largest
+# is right for what is the same in every worker (reference fractions, python_info,
 # process_max_fds) and for verdicts, where the worst worker speaks for the pod (drift scores and
 # status, the share of drifted features). Every worker's rows and resources add up; the pod
 # started when its first process did, and its reference is frozen once every worker's is.
 GAUGE_MERGE: dict[str, Policy] = {
-    "ml_drift_window_count": "sum",
+    "ml_drift_window_rows": "sum",
     "ml_drift_reference_frozen": "min",
     "process_resident_memory_bytes": "sum",
     "process_virtual_memory_bytes": "sum",
@@ -49,16 +61,26 @@ GAUGE_MERGE: dict[str, Policy] = {
 CUMULATIVE = frozenset({"counter", "histogram", "summary"})
 
 
+class TraceLink(msgspec.Struct, array_like=True, frozen=True):
+    """A sample's exemplar: the trace of one observation in its bucket."""
+
+    labels: dict[str, str]
+    value: float
+    timestamp: float | None
+
+
 class Sample(msgspec.Struct, array_like=True, frozen=True):
     name: str
     labels: dict[str, str]
     value: float
+    exemplar: TraceLink | None = None
 
 
 class Family(msgspec.Struct, array_like=True, frozen=True):
     name: str
     type: str
     documentation: str
+    policy: Policy  # how its samples merge with another process's
     samples: list[Sample]
 
 
@@ -66,81 +88,85 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(list[Family]).decode
 
 
-class LocalRegistry(CollectorRegistry):
-    """A worker's registry. It remembers, in order, the collectors whose samples exist only in
-    this process (everything but prometheus_client's own metric classes): those go into the
-    snapshot. Registration order matters: the pipeline's flush-on-scrape collector comes first."""
+class SnapshotRegistry(CollectorRegistry):
+    """A worker's registry: it notes the merge policy of each Gauge registered, from its
+    multiprocess_mode, for the snapshots."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.local: list[Collector] = []
+        self.policies: dict[str, Policy] = {}
 
     def register(self, collector: Collector) -> None:
         super().register(collector)
-        if not isinstance(collector, MetricWrapperBase):
-            self.local.append(collector)
+        if isinstance(collector, Gauge):
+            mode = collector._multiprocess_mode
+            policy = MODE_POLICY.get(mode)
+            if policy is None:  # a mistake in a gauge's declaration: say so at start-up
+                msg = (
+                    f"multiprocess_mode {mode!r} of a gauge cannot be merged across workers; "
+                    f"use one of {', '.join(MODE_POLICY)}"
+                )
+                raise ValueError(msg)
+            self.policies.update((family.name, policy) for family in collector.describe())
 
 
-def families_of(collectors: Iterable[Collector]) -> list[Family]:
+def snapshot_of(registry: SnapshotRegistry) -> bytes:
+    """What `registry` exports now, as a snapshot."""
+    return _encode(families_of([registry], registry.policies))
+
+
+def families_of(
+    collectors: Iterable[Collector], policies: Mapping[str, Policy] | None = None
+) -> list[Family]:
+    """The families `collectors` export now; a gauge's policy from `policies`, else from
+    GAUGE_MERGE, else "max"."""
     return [
         Family(
             metric.name,
             metric.type,
             metric.documentation,
-            [Sample(s.name, s.labels, s.value) for s in metric.samples],
+            _policy(metric, policies or {}),
+            [Sample(s.name, s.labels, s.value, _link(s.exemplar)) for s in metric.samples],
         )
         for collector in collectors
         for metric in collector.collect()
     ]
 
 
-class SnapshotWriter:
-    """Writes the samples of a worker's local collectors to `path`, atomically (a reader sees
-    the previous snapshot or the next, never half of one)."""
-
-    def __init__(self, collectors: Sequence[Collector], path: Path) -> None:
-        self._collectors = collectors
-        self.path = path
-        self._complaints = RateLimitedLog(log)
-
-    def write(self) -> None:
-        try:
-            write_atomically(self.path, _encode(families_of(self._collectors)))
-        except OSError as exc:  # a full disk must not stop the proxy; the merge lags instead
-            self._complaints.warning(
-                "snapshot", "writing a metrics snapshot failed", error=str(exc)
-            )
+def _policy(metric: Metric, policies: Mapping[str, Policy]) -> Policy:
+    if metric.type in CUMULATIVE:
+        return "sum"
+    return policies.get(metric.name) or GAUGE_MERGE.get(metric.name, "max")
 
 
-def read(path: Path) -> list[Family]:
-    """A snapshot, or nothing if it is gone (its worker was retired meanwhile) or unreadable."""
-    try:
-        return _decode(path.read_bytes())
-    except (OSError, msgspec.DecodeError):
-        return []
+def _link(exemplar: Exemplar | None) -> TraceLink | None:
+    if exemplar is None:
+        return None
+    timestamp = None if exemplar.timestamp is None else float(exemplar.timestamp)
+    return TraceLink(exemplar.labels, exemplar.value, timestamp)
 
 
 def merge(sources: Iterable[Sequence[Family]]) -> list[Family]:
     """Merge families of the same name from several processes, sample by (name, labels)."""
     kinds: dict[str, Family] = {}
-    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    merged: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], Sample]] = {}
     for source in sources:
         for family in source:
             first = kinds.setdefault(family.name, family)
-            policy = _policy(first)
-            merged = values.setdefault(family.name, {})
+            samples = merged.setdefault(family.name, {})
             for sample in family.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
-                held = merged.get(key)
-                merged[key] = sample.value if held is None else _combine(policy, held, sample.value)
+                held = samples.get(key)
+                samples[key] = sample if held is None else _combine(first, held, sample)
     return [
         Family(
             name,
             kinds[name].type,
             kinds[name].documentation,
-            [Sample(sample, dict(labels), value) for (sample, labels), value in samples.items()],
+            kinds[name].policy,
+            list(samples.values()),
         )
-        for name, samples in values.items()
+        for name, samples in merged.items()
     ]
 
 
@@ -149,42 +175,62 @@ def cumulative(families: Iterable[Family]) -> list[Family]:
     return [family for family in families if family.type in CUMULATIVE]
 
 
-def _policy(family: Family) -> Policy:
-    if family.type in CUMULATIVE:
-        return "sum"
-    return GAUGE_MERGE.get(family.name, "max")
+def _combine(family: Family, held: Sample, sample: Sample) -> Sample:
+    policy = family.policy
+    if family.type in CUMULATIVE and sample.name == family.name + "_created":
+        policy = "min"  # when it was created: the pod's began with its first worker's
+    value = _COMBINE[policy](held.value, sample.value)
+    return Sample(held.name, held.labels, value, _newer(held.exemplar, sample.exemplar))
 
 
-def _combine(policy: Policy, held: float, value: float) -> float:
-    if policy == "sum":
-        return held + value
-    if policy == "max":
-        return max(held, value)
-    return min(held, value)
+_COMBINE: dict[Policy, Callable[[float, float], float]] = {
+    "sum": operator.add,
+    "max": max,
+    "min": min,
+}
+
+
+def _newer(held: TraceLink | None, link: TraceLink | None) -> TraceLink | None:
+    """A bucket's exemplar is its latest observation's, as in one process."""
+    if held is None or link is None:
+        return held or link
+    return link if (link.timestamp or 0.0) > (held.timestamp or 0.0) else held
 
 
 class SnapshotMerge(Collector):
-    """The supervisor's view of every worker's snapshot in `directory`, plus its own local
+    """The supervisor's view of its workers: the latest snapshot of each running worker (`put`),
+    the counters and histograms of those that have exited (`retire`), and its own local
     collectors (`own`: its process figures, which belong to the pod's total like the workers')."""
 
-    def __init__(self, directory: Path, own: Sequence[Collector] = ()) -> None:
-        self._directory = directory
+    def __init__(self, own: Sequence[Collector] = ()) -> None:
         self._own = own
-        self._retired: list[Family] = []  # counters and histograms of workers that have exited
+        self._live: dict[int, list[Family]] = {}  # by worker pid
+        self._retired: list[Family] = []
+        self._complaints = RateLimitedLog(log)
+
+    def put(self, worker: int, snapshot: bytes) -> None:
+        """The latest snapshot of `worker`; one that does not decode leaves the previous."""
+        try:
+            self._live[worker] = _decode(snapshot)
+        except msgspec.DecodeError as exc:  # a worker of another sidecar version, say
+            self._complaints.warning(
+                "decode", "a worker's metrics snapshot is unreadable", pid=worker, error=str(exc)
+            )
+
+    def retire(self, worker: int) -> None:
+        """`worker` has exited: keep the counters and histograms of its last snapshot, forget
+        its gauges."""
+        self._retired = merge([self._retired, cumulative(self._live.pop(worker, []))])
 
     def collect(self) -> Iterable[Metric]:
-        snapshots = [read(path) for path in sorted(self._directory.glob("*" + SUFFIX))]
-        merged = merge([self._retired, families_of(self._own), *snapshots])
+        merged = merge([self._retired, families_of(self._own), *self._live.values()])
         return [_metric(family) for family in merged]
-
-    def retire(self, path: Path) -> None:
-        """A worker has exited: keep its last counters and histograms, forget its gauges."""
-        self._retired = merge([self._retired, cumulative(read(path))])
-        path.unlink(missing_ok=True)
 
 
 def _metric(family: Family) -> Metric:
     metric = Metric(family.name, family.documentation, family.type)
     for sample in family.samples:
-        metric.add_sample(sample.name, sample.labels, sample.value)
+        link = sample.exemplar
+        exemplar = None if link is None else Exemplar(link.labels, link.value, link.timestamp)
+        metric.add_sample(sample.name, sample.labels, sample.value, exemplar=exemplar)
     return metric

@@ -2,24 +2,28 @@
 
 One event loop uses one core; with N workers the kernel spreads new connections over N
 SO_REUSEPORT sockets. Workers are fresh interpreters (`python -m sidecar serve --worker-dir
-DIR`), not forks: prometheus_client picks its mmap value store when it is imported, from
-PROMETHEUS_MULTIPROC_DIR, so that variable must be set before the worker's first import.
+DIR`), not forks, which would inherit the supervisor's event loop, threads and sockets. Each
+keeps its metrics in its own registry and hands the supervisor snapshots of it over a line of
+its own (workers/channel.py): on each scrape, every PERIOD seconds, and when it stops.
 
 The supervisor owns what there is one of per pod: the admin port (/metrics merged over the
-workers, /healthz, /readyz with its own upstream probe, which every worker's proxy traffic also
-informs, through a Unix datagram socket in DIR), the config (it reads the file, keeps the
-restart keys, and hands workers the result in DIR/config.msgpack) and the signals. It restarts a
-worker that exits, and gives up, raising WorkersFailed, when a worker cannot start at all.
+workers' snapshots, /healthz, /readyz with its own upstream probe, which every worker's proxy
+traffic also informs, through a Unix datagram socket in DIR), the config (it reads the file,
+keeps the restart keys, and hands workers the result in DIR/config.msgpack) and the signals. It
+restarts a worker that exits, and gives up, raising WorkersFailed, when a worker cannot start at
+all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -28,7 +32,6 @@ from pathlib import Path
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -40,7 +43,8 @@ from sidecar.files import write_atomically
 from sidecar.logs import RateLimitedLog
 from sidecar.memory import freeze_startup
 from sidecar.readiness import UpstreamProbe
-from sidecar.workers import mpfiles, snapshots
+from sidecar.upstream_metrics import upstream_metrics_of
+from sidecar.workers import channel, snapshots
 from sidecar.workers.health import HEALTH_SOCKET, HealthInbox, HealthRelay
 
 log = logging.getLogger(__name__)
@@ -48,7 +52,9 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.msgpack"
 MAX_START_FAILURES = 5  # a worker that dies before serving this often in a row is not retried
 EXIT_MARGIN = 5.0  # seconds past drain_timeout a worker gets to exit before it is killed
-_POLL = 0.02  # seconds between looks at a starting worker
+# Seconds a scrape waits for the workers' fresh snapshots; one that has not answered by then is
+# seen as of its latest (a worker's event loop answers within a turn: this is for a stuck one).
+SCRAPE_WAIT = 1.0
 
 
 class WorkersFailed(RuntimeError):
@@ -59,6 +65,7 @@ class WorkersFailed(RuntimeError):
 class _Worker:
     slot: int
     process: asyncio.subprocess.Process
+    line: channel.WorkerLine
     config_version: int  # of the config file the worker read when it started
     serving: bool = False
 
@@ -77,9 +84,8 @@ class Supervisor:
         self._watch = watch
         self._directory = Path(tempfile.mkdtemp(prefix="sidecar-workers-"))
         self.registry = CollectorRegistry()
-        MultiProcessCollector(self.registry, path=str(self._directory))  # type: ignore[no-untyped-call]
         self._merge = snapshots.SnapshotMerge(
-            self._directory, own=[ProcessCollector(registry=None), PlatformCollector(registry=None)]
+            own=[ProcessCollector(registry=None), PlatformCollector(registry=None)]
         )
         self.registry.register(self._merge)
         self._restarts = Counter(
@@ -134,11 +140,24 @@ class Supervisor:
                 extra={"error": str(exc)},
             )
         await self._probe.start()
-        self._admin = AdminServer(make_admin_app(self.registry, self._readiness))
+        # The model server's metrics are fetched here, once per scrape, not by each worker.
+        upstream_metrics = upstream_metrics_of(self.config)
+        admin = make_admin_app(
+            self.registry, self._readiness, upstream_metrics=upstream_metrics, refresh=self._refresh
+        )
+        self._admin = AdminServer(admin)
         await self._admin.start(self.config.admin_host, self.config.metrics_port)
         self.admin_url = url_of(self._admin.address)
         extra = {"workers": self.config.workers, "admin": self.admin_url, "port": self.config.port}
         log.info("supervising", extra=extra)
+
+    async def _refresh(self) -> None:
+        """Before a scrape: a snapshot from every serving worker, taken now, so that the scrape
+        counts every exchange that ended before it; at most SCRAPE_WAIT seconds."""
+        lines = [worker.line for worker in self._workers.values() if worker.serving]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SCRAPE_WAIT):
+                await asyncio.gather(*(line.fresh() for line in lines))
 
     def _readiness(self) -> tuple[bool, str]:
         assert self._probe is not None
@@ -162,6 +181,7 @@ class Supervisor:
                 served, failures = True, 0
                 log.info("worker serving", extra={"worker": slot, "pid": worker.process.pid})
             code = await worker.process.wait()
+            await worker.line.closed()  # its last snapshot is in
             self._retire(worker)
             if self._stop.is_set():
                 return
@@ -187,49 +207,45 @@ class Supervisor:
             await asyncio.sleep(0.1 * 2**failures if failures else 0)
 
     async def _spawn(self, slot: int) -> _Worker:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "sidecar",
-            "serve",
-            "--worker-dir",
-            str(self._directory),
-            stdin=asyncio.subprocess.DEVNULL,
-            env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self._directory)},
-            # A supervisor killed outright must not leave its workers serving the port alone.
-            preexec_fn=die_with_parent(),
+        ours, theirs = socket.socketpair()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "sidecar",
+                "serve",
+                "--worker-dir",
+                str(self._directory),
+                stdin=theirs.fileno(),  # the worker's end of its line (workers/channel.py)
+                # A supervisor killed outright must not leave its workers serving the port alone.
+                preexec_fn=die_with_parent(),
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()  # the worker's now: a copy of ours would hide its end of file from us
+        line = await channel.open_supervisor_end(
+            ours, functools.partial(self._merge.put, process.pid)
         )
-        worker = _Worker(slot, process, self._config_version)
+        worker = _Worker(slot, process, line, self._config_version)
         if self._stop.is_set():  # stopped while it was being spawned: it must not outlive us
             _signal(worker, signal.SIGTERM)
         return worker
 
     async def _until_serving(self, worker: _Worker) -> bool:
-        """True once the worker serves (its first snapshot appears), False if it exits first."""
-        snapshot = self._snapshot(worker)
-        while not snapshot.exists():
-            if worker.process.returncode is not None:
-                return False
-            await asyncio.sleep(_POLL)
+        """True once the worker serves (its first snapshot is in), False if it exits first."""
+        if not await worker.line.until_first():
+            return False
         if worker.config_version != self._config_version:
             _signal(worker, signal.SIGHUP)  # the config changed while it started
         return True
 
-    def _snapshot(self, worker: _Worker) -> Path:
-        return self._directory / f"{worker.process.pid}{snapshots.SUFFIX}"
-
     def _retire(self, worker: _Worker) -> None:
-        """An exited worker: its live gauges go, its counters stay in the merged totals, and its
-        files are folded into the retired ones, so restarts do not grow the directory."""
+        """An exited worker: its gauges go, the counters of its last snapshot stay in the
+        merged totals."""
         worker.serving = False
-        pid = worker.process.pid
-        try:
-            mpfiles.retire(self._directory, pid)
-        except OSError as exc:
-            self._complaints.warning(
-                "retire", "a dead worker's metric files stay unfolded", pid=pid, error=str(exc)
-            )
-        self._merge.retire(self._snapshot(worker))
+        self._merge.retire(worker.process.pid)
 
     def _fail(self, message: str) -> None:
         self._failure = message
@@ -307,38 +323,36 @@ def read_worker_config(directory: Path) -> Config:
 
 
 async def serve_worker(directory: Path, config: Config) -> None:
-    """One worker: the proxy port (shared), no admin port; its custom collectors' samples go
-    to a snapshot file for the supervisor. Returns after SIGTERM and the drain."""
-    registry = snapshots.LocalRegistry()
+    """One worker: the proxy port (shared), no admin port; its metrics go to the supervisor as
+    snapshots, over the line on its stdin. Returns after SIGTERM and the drain."""
+    registry = snapshots.SnapshotRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
-    snapshot = directory / f"{os.getpid()}{snapshots.SUFFIX}"
-    writer = snapshots.SnapshotWriter(registry.local, snapshot)
+    line = await channel.open_worker_end(registry)
     relay = HealthRelay(directory / HEALTH_SOCKET)
     sidecar = Sidecar(config, registry, admin=False, reuse_port=True, health=relay)
-    ticker: asyncio.Task[None] | None = None
+    tasks: list[asyncio.Task[None]] = []
 
     def started() -> None:
-        nonlocal ticker
         freeze_startup()
-        ticker = asyncio.create_task(_tick(writer, os.getppid()), name="snapshot")
+        line.send()  # the supervisor takes the first snapshot for "serving"
+        tasks.append(asyncio.create_task(_answer_supervisor(line), name="snapshot-requests"))
+        tasks.append(asyncio.create_task(line.send_every(channel.PERIOD), name="snapshots"))
 
     try:
         await sidecar.serve_until_signalled(lambda: read_worker_config(directory), on_start=started)
     finally:
-        if ticker is not None:
-            ticker.cancel()
-            writer.write()  # after the drain: the last requests' drift counts are in it
+        for task in tasks:
+            task.cancel()
+        if tasks:  # it served: its last snapshot, after the drain, counts every exchange
+            line.send()
+        await line.close()
         relay.close()
 
 
-async def _tick(writer: snapshots.SnapshotWriter, parent: int) -> None:
-    """Write a snapshot now (the supervisor takes its appearance for "serving") and every
-    PERIOD seconds; stop serving if the supervisor is gone (killed: no one would stop us)."""
-    while True:
-        writer.write()
-        if os.getppid() != parent:
-            log.error("the supervisor is gone; stopping")
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-        await asyncio.sleep(snapshots.PERIOD)
+async def _answer_supervisor(line: channel.SupervisorLine) -> None:
+    """Answer the supervisor's requests for snapshots; once it is gone (killed: no one would
+    stop us), stop serving."""
+    await line.answer()
+    log.error("the supervisor is gone; stopping")
+    os.kill(os.getpid(), signal.SIGTERM)

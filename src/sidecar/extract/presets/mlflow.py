@@ -12,7 +12,7 @@ from sidecar.extract.errors import MappingError
 from sidecar.extract.navigate import list_at, member, rows_at
 from sidecar.extract.plan import Plan, Rows, Vocabulary
 from sidecar.extract.predictions import read_predictions
-from sidecar.extract.presets.base import Preset, PresetRoute
+from sidecar.extract.presets.base import Preset, PresetRoute, ReadyCheck
 from sidecar.extract.tables import rows_block, table_from_value
 from sidecar.extract.types import FeatureTable, Outputs
 
@@ -54,6 +54,6 @@ def make_plan(vocabulary: Vocabulary) -> Plan:
 PRESET = Preset(
     name="mlflow",
     routes=(PresetRoute("invocations", "POST", "/invocations"),),
-    health_path="/ping",
+    health=ReadyCheck("/ping"),  # one model per server: up is loaded
     make_plan=make_plan,
 )

@@ -18,9 +18,10 @@ from sidecar.extract.errors import MappingError
 from sidecar.extract.navigate import member, single_tensor_rows, text
 from sidecar.extract.plan import Plan, Rows, Vocabulary
 from sidecar.extract.predictions import ClassNames, combine, read_predictions, tensor_rows
-from sidecar.extract.presets.base import Preset, PresetRoute
+from sidecar.extract.presets.base import Preset, PresetRoute, ReadyCheck
 from sidecar.extract.tables import join, tensor_block
 from sidecar.extract.types import FeatureTable, Outputs
+from sidecar.oip import INFER, STREAM_INFER, route_name
 
 __all__ = ["CLASS_OUTPUTS", "PRESET", "PROBABILITY_OUTPUTS"]
 
@@ -116,7 +117,14 @@ PRESET = Preset(
     routes=(
         PresetRoute("infer", "POST", "/v2/models/{model}/infer"),
         PresetRoute("infer-version", "POST", "/v2/models/{model}/versions/{version}/infer"),
+        # Over gRPC (docs/grpc.md): the relay names the model from the message.
+        PresetRoute(route_name(INFER), "POST", INFER),
+        PresetRoute(route_name(STREAM_INFER), "POST", STREAM_INFER),
     ),
-    health_path="/v2/health/ready",
+    health=ReadyCheck("/v2/health/ready"),
     make_plan=make_plan,
+    # The protocol's model-ready endpoint: 200 ready, 4xx not (or not known). No version: a model
+    # without one in the path is served by the version the server picks, and model_version is a
+    # label, which need not be a version the server knows.
+    model_ready=(ReadyCheck("/v2/models/{model}/ready"),),
 )

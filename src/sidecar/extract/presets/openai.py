@@ -24,7 +24,7 @@ from sidecar.extract.body import Parsed, decode
 from sidecar.extract.errors import BodyError
 from sidecar.extract.navigate import text
 from sidecar.extract.plan import Plan, Vocabulary
-from sidecar.extract.presets.base import Preset, PresetRoute
+from sidecar.extract.presets.base import Preset, PresetRoute, ReadyCheck
 from sidecar.extract.sse import split_events
 from sidecar.extract.tables import records_table
 from sidecar.extract.types import (
@@ -296,6 +296,14 @@ def _lookup(value: Any, path: list[str]) -> Any:
     return value
 
 
+def _lists_the_model(body: Any, model: str) -> bool:
+    """`{"object": "list", "data": [{"id": "gpt-4o", "object": "model"}, ...]}` names `model`."""
+    entries = body.get("data") if isinstance(body, dict) else None
+    return isinstance(entries, list) and any(
+        isinstance(entry, dict) and entry.get("id") == model for entry in entries
+    )
+
+
 PRESET = Preset(
     name="openai",
     routes=(
@@ -303,7 +311,12 @@ PRESET = Preset(
         PresetRoute("completions", "POST", "/v1/completions"),
         PresetRoute("embeddings", "POST", "/v1/embeddings"),
     ),
-    health_path="/v1/models",
+    health=ReadyCheck("/v1/models"),
     make_plan=make_plan,
     generative=True,
+    # The protocol has no model status; a served model is one the list names (vLLM lists its
+    # --served-model-name; Ollama and llama.cpp the models they have).
+    model_ready=(
+        ReadyCheck("/v1/models", says_ready=_lists_the_model, expects="the model in its list"),
+    ),
 )

@@ -15,7 +15,7 @@ from sidecar.extract.errors import MappingError
 from sidecar.extract.navigate import member
 from sidecar.extract.plan import Plan, Vocabulary
 from sidecar.extract.predictions import ClassNames, read_predictions, tensor_rows
-from sidecar.extract.presets.base import Preset, PresetRoute
+from sidecar.extract.presets.base import Preset, PresetRoute, ReadyCheck
 from sidecar.extract.tables import Block, rows_block, tensor_block
 from sidecar.extract.types import FeatureTable, Outputs
 
@@ -90,6 +90,6 @@ PRESET = Preset(
             "ingress-predictions", "POST", "/seldon/{namespace}/{deployment}/api/v1.0/predictions"
         ),
     ),
-    health_path="/health/ping",
+    health=ReadyCheck("/health/ping"),  # one model per deployment
     make_plan=make_plan,
 )

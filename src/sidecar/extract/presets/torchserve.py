@@ -12,7 +12,7 @@ from sidecar.extract.body import Parsed
 from sidecar.extract.navigate import non_empty_list, row_list, rows_at
 from sidecar.extract.plan import Plan, Rows, Vocabulary
 from sidecar.extract.predictions import read_predictions
-from sidecar.extract.presets.base import Preset, PresetRoute
+from sidecar.extract.presets.base import Preset, PresetRoute, ReadyCheck
 from sidecar.extract.tables import table_from_value
 from sidecar.extract.types import FeatureTable, Outputs
 
@@ -46,6 +46,14 @@ def make_plan(vocabulary: Vocabulary) -> Plan:
     return Plan(features=features, outputs=outputs, rows=rows)
 
 
+def _says_healthy(body: Any, model: str) -> bool:
+    """`{"status": "Healthy"}`. Older releases answer "Partial Healthy" and "Unhealthy" with a
+    200 too; recent ones answer "Unhealthy" with a 500."""
+    return isinstance(body, dict) and body.get("status") == "Healthy"
+
+
+_PING = ReadyCheck("/ping", says_ready=_says_healthy, expects='"status": "Healthy"')
+
 PRESET = Preset(
     name="torchserve",
     routes=(
@@ -53,6 +61,13 @@ PRESET = Preset(
         PresetRoute("predictions-version", "POST", "/predictions/{model}/{version}"),
         PresetRoute("kserve-v1-predict", "POST", "/v1/models/{model}:predict"),
     ),
-    health_path="/ping",
+    health=_PING,
     make_plan=make_plan,
+    # The inference port has no model status (that is the management API's GET /models/{name},
+    # on another port, which a path on the upstream cannot reach). OPTIONS /predictions/{name}
+    # answers the model's OpenAPI description without running it, or 404 when no such model is
+    # registered (its archive failed to load: /ping alone stays Healthy, pytorch/serve#2099).
+    # /ping covers the workers: it says Unhealthy (with a 500, or a 200 in older releases) while
+    # a model has fewer healthy workers than its minWorkers.
+    model_ready=(_PING, ReadyCheck("/predictions/{model}", method="OPTIONS")),
 )
