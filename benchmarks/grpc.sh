@@ -20,18 +20,18 @@ UPSTREAM_PORT=${GRPC_UPSTREAM_PORT:-18101}
 export SIDECAR_SHUTDOWN_DELAY=0  # no load balancer to wait for
 
 taskset -c 0 "$PY" "$BENCH/grpc_upstream.py" "$UPSTREAM_PORT" & upstream=$!; pids+=($upstream)
-declare -A TARGET SIDECAR_PID
+declare -A TARGET RELAY_PID
 TARGET[direct]=127.0.0.1:$UPSTREAM_PORT
 TARGET[naive]=127.0.0.1:$((PORT + 6))
 taskset -c 1 "$PY" "$BENCH/grpc_upstream.py" "$((PORT + 6))" --relay-to "${TARGET[direct]}" & pids+=($!)
-SIDECAR_PID[naive]=$!
+RELAY_PID[naive]=$!
 start_sidecar() { # name first-port args...: HTTP on first-port, admin +1, gRPC +2, on CPU 1
   local name=$1 port=$2; shift 2
   # Nothing serves HTTP here (port 9 refuses): only the gRPC port is driven.
   taskset -c 1 "$SIDECAR" serve --upstream http://127.0.0.1:9 --host 127.0.0.1 --port "$port" \
     --metrics-port "$((port + 1))" --grpc-port "$((port + 2))" \
     --grpc-upstream "127.0.0.1:$UPSTREAM_PORT" --log-level error "$@" & pids+=($!)
-  SIDECAR_PID[$name]=$!
+  RELAY_PID[$name]=$!
   TARGET[$name]=127.0.0.1:$((port + 2))
 }
 start_sidecar bare "$PORT"
@@ -44,7 +44,7 @@ drive() { # name mode-args...: one measured run, appended to $WORK/grpc.txt
   local name=$1; shift
   taskset -c 0 "$PY" "$BENCH/grpc_driver.py" "${TARGET[$name]}" "$name" "$@" --duration "$DUR" \
     --channels "$CHANNELS" --upstream "$upstream" \
-    ${SIDECAR_PID[$name]:+--sidecar "${SIDECAR_PID[$name]}"} | tee -a "$WORK/grpc.txt"
+    ${RELAY_PID[$name]:+--relay "${RELAY_PID[$name]}"} | tee -a "$WORK/grpc.txt"
 }
 : > "$WORK/grpc.txt"
 echo "label mode calls/s p50_ms p99_ms relay_cpu_us/call upstream_cpu_us/call failed"
@@ -57,9 +57,9 @@ echo
 import statistics, sys
 runs = {}
 for line in open(sys.argv[1]):
-    label, mode, rate, p50, p99, sidecar, upstream, failed = line.split()
+    label, mode, rate, p50, p99, relay, upstream, failed = line.split()
     runs.setdefault((mode, label), []).append(
-        (float(rate), float(p50), float(p99), None if sidecar == "-" else int(sidecar), int(failed)))
+        (float(rate), float(p50), float(p99), None if relay == "-" else int(relay), int(failed)))
 def med(found, i):
     return statistics.median(run[i] for run in found)
 for mode in dict.fromkeys(m for m, _ in runs):

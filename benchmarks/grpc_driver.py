@@ -6,14 +6,14 @@ Two modes. Closed loop (--concurrency N): N calls always in flight, as many as t
 answers. Fixed rate (--rate R): calls started on a schedule whatever the target does, each
 call's latency counted from when it was due, so a target that falls behind shows it (no
 coordinated omission). Either way it warms up first, then measures for --duration seconds, and
-reads the CPU time that the sidecar (--sidecar PID) and the upstream (--upstream PID) spent in
-that window from /proc/PID/stat (user + system, every thread).
+reads the CPU time that the relay (--relay PID: the sidecar) and the upstream (--upstream PID)
+spent in that window from /proc/PID/stat (user + system, every thread).
 
-Prints one line: LABEL MODE calls/s p50_ms p99_ms sidecar_us upstream_us failed, where *_us is
+Prints one line: LABEL MODE calls/s p50_ms p99_ms relay_us upstream_us failed, where *_us is
 CPU microseconds per answered call ("-" for a process not given).
 
 usage: grpc_driver.py TARGET LABEL (--concurrency N | --rate R) [--duration S] [--warmup S]
-                      [--channels K] [--sidecar PID] [--upstream PID]
+                      [--channels K] [--relay PID] [--upstream PID]
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ async def drive(options: argparse.Namespace) -> str:
         if not warm.latencies:
             msg = f"no call to {options.target} succeeded while warming up"
             raise SystemExit(msg)
-        processes = (options.sidecar, options.upstream)
+        processes = (options.relay, options.upstream)
         before = [cpu_seconds(pid) for pid in processes]
         started = time.perf_counter()
         if options.rate:
@@ -166,7 +166,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds measured")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
     parser.add_argument("--channels", type=int, default=4, help="connections to the target")
-    parser.add_argument("--sidecar", type=int, help="PID of the sidecar, to time its CPU")
+    parser.add_argument("--relay", type=int, help="PID of the sidecar (or relay), to time it")
     parser.add_argument("--upstream", type=int, help="PID of the upstream, to time its CPU")
     return parser.parse_args(argv)
 

@@ -22,7 +22,7 @@ echo "== --workers 1 vs --workers 2, all of them on CPU 1; upstream and wrk on C
 # one core, each worker also sees half the connections and half the rate, and so records in
 # smaller batches: that cost per request is a pessimistic bound for two free cores. The last run,
 # one process with half the connections, is what each of two workers on its own core would see
-# (less the metric files of --workers): twice its rate is the optimistic bound.
+# (less the snapshots each hands the supervisor): twice its rate is the optimistic bound.
 start_upstream
 tick_us=$((1000000 / $(getconf CLK_TCK)))
 cpu_ticks() { # pid...: user + system clock ticks of each, space-separated

@@ -7,6 +7,7 @@ import contextlib
 import gzip
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -468,3 +469,16 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
 def postgres_url(postgres_cluster: PostgresCluster) -> Iterator[str]:
     with postgres_cluster.database() as url:
         yield url
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    """`python -m sidecar ARGV` to its end, as a user would run it: with none of this
+    environment's SIDECAR_* variables, stdout and stderr captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
+        check=False,
+    )

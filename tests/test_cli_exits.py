@@ -13,6 +13,7 @@ import pytest
 import sidecar.drift
 from sidecar.cli import EXIT_BROKEN_PIPE, main
 from sidecar.drift import profile as profiles
+from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,14 +106,7 @@ def test_serve_with_a_truncated_profile_exits_2_in_words(profile_file):
     """`sidecar serve --profile` with a cut file: exit 2 and one line, no traceback."""
     half = cut_in_half(profile_file)
     serve = ["serve", "--upstream", "http://127.0.0.1:1", "--port", "0", "--metrics-port", "0"]
-    result = subprocess.run(
-        [sys.executable, "-m", "sidecar", *serve, "--profile", str(half)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
-        check=False,
-    )
+    result = run_cli(*serve, "--profile", str(half))
     assert result.returncode == 2
     assert f"sidecar: configuration error: profile {half} is truncated" in result.stderr
     assert "Traceback" not in result.stderr

@@ -44,6 +44,10 @@ def test_environment_alone_is_enough():
     [
         (UPSTREAM + "port: eighty\n", "key `port` has value 'eighty'; expected `int`, got `str`"),
         (UPSTREAM + "prot: 80\n", "key `prot` is not a known setting"),
+        (
+            UPSTREAM + "drift:\n  ks_critical: 0.2\n",
+            "key `drift.ks_critical` was replaced: a window is flagged when",
+        ),
         ("port: 80\n", "key `upstream` is required"),
         ("upstream: ftp://x\n", "upstream 'ftp://x' must be an http:// or https:// URL"),
         (UPSTREAM + "metrics_port: 70000\n", "metrics_port must be a TCP port between 0 and 65535"),

@@ -55,6 +55,9 @@ async def test_shifted_feature_is_flagged_and_others_are_not(
     assert (sample(text, "ml_drift_score", stat="psi", **labels) or 0) > 0.25
     for stat in ("ks", "js", "wasserstein"):  # what the drift dashboard plots beside PSI
         assert (sample(text, "ml_drift_score", stat=stat, **labels) or 0) > 0, stat
+    # The size status grades, in reference standard deviations: a +1.0 move of a feature whose
+    # sd is about 0.8 (the toy iris mixture's sepal_length) reads above critical_shift.
+    assert (sample(text, "ml_drift_score", stat="shift", **labels) or 0) > 0.5
     # The fleet-wide KS rules (deploy/prometheus/rules/drift_rules.yml) read these buckets by name.
     assert pit_bounds(text, **labels) == [*PIT_RULE_BOUNDS, "1.0", "+Inf"]
 

@@ -88,6 +88,15 @@ def number(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return found
 
 
+def stats_with_a_floor(registry: CollectorRegistry) -> set[str]:
+    return {
+        s.labels["stat"]
+        for metric in registry.collect()
+        for s in metric.samples
+        if s.name == "ml_drift_noise_floor"
+    }
+
+
 UNIFORM = np.linspace(0.0, 1.0, 20_001)  # edges at 0, 0.05, ..., 1
 
 
@@ -276,14 +285,18 @@ def test_status_waits_for_min_window_rows():
 
 
 def test_noise_floor_shrinks_as_the_window_grows():
-    """ml_drift_noise_floor reads the no-drift level for the current window size."""
+    """ml_drift_noise_floor reads the no-drift level for the current window size, at
+    noise_alpha over the model's tests: one numeric feature makes 3 (psi, ks, wasserstein) in
+    each of 2 windows, so KS's floor is Massart's bound at 0.01 / 6."""
     rec, registry = recorder(reference({"x": UNIFORM}))
     rec.observe_features(table({"x": np.linspace(0, 1, 500).tolist()}))
     small = number(registry, "ml_drift_noise_floor", feature="x", stat="ks")
     rec.observe_features(table({"x": np.linspace(0, 1, 1500).tolist()}))
     large = number(registry, "ml_drift_noise_floor", feature="x", stat="ks")
-    assert small == pytest.approx(1.628 * np.sqrt(1 / 500 + 1 / 20_001), rel=1e-3)
+    c = np.sqrt(np.log(2 / (0.01 / 6)) / 2)
+    assert small == pytest.approx(c * np.sqrt(1 / 500 + 1 / 20_001), rel=1e-9)
     assert large < small
+    assert {"psi", "ks", "wasserstein"} <= stats_with_a_floor(registry)
 
 
 def test_collect_on_another_thread_while_observing():
@@ -317,7 +330,8 @@ def test_collect_on_another_thread_while_observing():
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"psi_warning": 0.3, "psi_critical": 0.2}, "psi_warning <= psi_critical"),
+        ({"warning_shift": 0.6, "critical_shift": 0.5}, "warning_shift <= critical_shift"),
+        ({"psi_warning": 0.1}, "unknown field `psi_warning`"),
         ({"window": "weekly"}, "Invalid enum value 'weekly' - at `\\$.window`"),
         ({"min_window": 0}, "min_window must be at least 1"),
         ({"tresholds": 1}, "unknown field `tresholds`"),

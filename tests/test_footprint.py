@@ -22,6 +22,7 @@ NOT_SERVING = {
     "scipy": "tests and offline checks",
     "pandas": "nothing of ours",
     "aiohttp": "demo and loadtest (admin port: admin_http.py; probe: proxy/pool.py)",
+    "psycopg": "a feedback.store that is a postgresql:// URL",
 }
 
 

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from sidecar.app import Sidecar
 from sidecar.demo.mlserver import MLServer, iris_rows
 from tests.conftest import StartSidecar, scrape_until
+from tests.test_mlserver_integration import total
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -84,15 +84,6 @@ def classes_of(responses: list[Any]) -> Counter[str]:
             )
         counts.update(str(int(label)) for label in labels)
     return counts
-
-
-def total(text: str, name: str, **labels: str) -> float:
-    return sum(
-        metric.value
-        for family in text_string_to_metric_families(text)
-        for metric in family.samples
-        if metric.name == name and all(metric.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 def requests(seed: int) -> Iterator[tuple[np.ndarray[Any, Any], str]]:

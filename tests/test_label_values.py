@@ -78,6 +78,7 @@ PINNED: dict[str, dict[str, str]] = {
         "ks": _DRIFT,
         "js": _DRIFT,
         "wasserstein": _DRIFT,
+        "shift": _DRIFT,
     },
     # ml_drift_pit_bucket: the KS rules read each bound by name
     "le": {

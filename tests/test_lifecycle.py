@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.conftest import CannedUpstream, ServeProcess, StartServe, assert_sample, scrape
+from tests.conftest import (
+    CannedUpstream,
+    ServeProcess,
+    StartServe,
+    assert_sample,
+    run_cli,
+    scrape,
+)
 
 
 async def test_admin_endpoints(client, canned_upstream, sidecar):
@@ -163,14 +167,7 @@ def test_bad_config_exits_2_before_serving(tmp_path: Path):
     """A bad config file stops `serve` with exit code 2 and the reason on stderr."""
     config = tmp_path / "bad.yaml"
     config.write_text("upstream: http://127.0.0.1:1\nport: eighty\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "sidecar", "serve", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
-        check=False,
-    )
+    result = run_cli("serve", "--config", str(config))
     assert result.returncode == 2
     assert "key `port` has value 'eighty'" in result.stderr
 

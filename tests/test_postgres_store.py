@@ -13,6 +13,7 @@ import json
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -168,6 +169,40 @@ async def test_the_same_labels_on_two_replicas_at_once_count_once(
     assert (totals["matched"], totals["duplicate"]) == (2_000, 2_000)
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_labels_for_one_row_in_one_call_apply_in_order(
+    kind: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    toy_model: str,
+    start_sidecar: StartSidecar,
+) -> None:
+    """Three labels for the same row in one call count as if posted one by one: the first
+    matches, the second replaces it, the third repeats it (a no-op); the row keeps the last."""
+    store = (
+        str(tmp_path / "log.db") if kind == "sqlite" else request.getfixturevalue("postgres_url")
+    )
+    sidecar = await start_sidecar(toy_model, **fleet_settings(store))
+    [(request_id, row, predicted)] = await predict(sidecar, [[5.0, 3.4, 1.5, 0.2]], batch=1)
+    await logged(sidecar, 1)
+    other = next(name for name in CLASSES if name != predicted)
+    items = [
+        {"request_id": request_id, "row": row, "label": label}
+        for label in (other, predicted, predicted)
+    ]
+    status, counts = await post_feedback(sidecar, items)
+    assert (status, counts["matched"], counts["duplicate"]) == (200, 1, 2)
+    text = await scrape_until(
+        sidecar, lambda t: value(t, "ml_labelled_rows", window="20000_rows") == 1
+    )
+    assert value(text, "ml_accuracy", window="20000_rows", segment="") == 1.0
+    right = {"class": predicted, "predicted": predicted}
+    wrong = {"class": other, "predicted": predicted}
+    assert value(text, "ml_labelled_total", **right) == 1
+    assert value(text, "ml_labelled_total", **wrong) == 1
+    assert value(text, "ml_labelled_replaced_total", **wrong) == 1
+
+
 # --- failing open --------------------------------------------------------------------------------
 
 
@@ -252,34 +287,24 @@ async def test_a_slow_database_cannot_hold_the_writer(
     than queued behind it, /feedback answers 503; once the lock goes, rows are written again."""
     url = f"{postgres_url}?options=-c%20statement_timeout%3D200"
     sidecar = await start_sidecar(toy_model, **fleet_settings(url))
-    print(time.monotonic(), 'sidecar = await start_sidecar(toy_model,', flush=True)
     await predict(sidecar, [[5.0, 3.4, 1.5, 0.2]], batch=1, prefix="before")
-    print(time.monotonic(), 'await predict(sidecar, [[5.0, 3.4, 1.5, ', flush=True)
     await logged(sidecar, 1)
-    print(time.monotonic(), 'await logged(sidecar, 1)', flush=True)
     with psycopg.connect(postgres_url) as blocker:
-        print(time.monotonic(), 'with psycopg.connect(postgres_url) as bl', flush=True)
-        blocker.execute("LOCK TABLE sidecar_predictions IN ACCESS EXCLUSIVE MODE")
-        print(time.monotonic(), 'blocker.execute("LOCK TABLE sidecar_pred', flush=True)
+        # In a thread: the lock may wait for the writer's statement, which the loop must not.
+        lock = "LOCK TABLE sidecar_predictions IN ACCESS EXCLUSIVE MODE"
+        await asyncio.to_thread(blocker.execute, lock)
         async with Load(sidecar) as load:
-            print(time.monotonic(), 'async with Load(sidecar) as load:', flush=True)
             await until(sidecar, "sidecar_prediction_log_up", lambda v: v == 0)
-            print(time.monotonic(), 'await until(sidecar, "sidecar_prediction', flush=True)
             status, body = await post_feedback(sidecar, {"request_id": "load-0-0", "label": 0})
-            print(time.monotonic(), 'status, body = await post_feedback(sidec', flush=True)
             assert status == 503
             assert "statement timeout" in body["error"]
         blocker.rollback()
-        print(time.monotonic(), 'blocker.rollback()', flush=True)
     assert set(load.statuses) == {200}, load.statuses
     text = await until(sidecar, "sidecar_prediction_log_up", lambda v: v == 1)
-    print(time.monotonic(), 'text = await until(sidecar, "sidecar_pre', flush=True)
     assert value(text, "sidecar_dropped_observations_total", reason="prediction_log_error") > 0
     await predict(sidecar, [[5.0, 3.4, 1.5, 0.2]], batch=1, prefix="after")
-    print(time.monotonic(), 'await predict(sidecar, [[5.0, 3.4, 1.5, ', flush=True)
     written = value(text, "sidecar_prediction_log_written_total")
     await until(sidecar, "sidecar_prediction_log_written_total", lambda v: v >= written + 1)
-    print(time.monotonic(), 'await until(sidecar, "sidecar_prediction', flush=True)
 
 
 async def test_an_unreachable_database_at_start_leaves_the_proxy_serving(

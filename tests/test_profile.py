@@ -127,12 +127,18 @@ def test_numeric_fractions_and_moments_are_exact(tmp_path):
 
 
 def test_heavily_tied_numeric_gets_discrete_bins(tmp_path):
-    """A Poisson count column has a bin per value; zero-inflated spend has a bin for the zeros."""
-    profile = build(write(training_table(), tmp_path / "train.parquet"))
+    """A Poisson count column has a bin per value, cut half-way between values; zero-inflated
+    spend has a bin for the zeros alone, cut half-way to the smallest positive spend."""
+    data = training_table()
+    profile = build(write(data, tmp_path / "train.parquet"))
     spend = next(f for f in profile.features if f.name == "spend")
+    visits = next(f for f in profile.features if f.name == "visits")
     assert isinstance(spend, profiles.NumericFeature)
-    assert spend.fractions["b00"] == pytest.approx(0.4, abs=0.02)  # exactly the zeros
-    assert spend.edges[:2] == [0.0, 5e-324]
+    assert isinstance(visits, profiles.NumericFeature)
+    zero = np.asarray(data["spend"]) == 0
+    assert spend.fractions["b00"] == zero.mean()  # exactly the zeros
+    assert spend.edges[1] == np.asarray(data["spend"])[~zero].min() / 2
+    assert np.all(np.asarray(visits.edges[1:-1]) % 1 == 0.5)
 
 
 @pytest.mark.usefixtures("small_batches")

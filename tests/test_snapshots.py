@@ -1,66 +1,31 @@
-"""Worker snapshots of custom collectors, and how the supervisor merges them (workers/snapshots)."""
+"""Worker snapshots of whole registries, and how the supervisor merges them (workers/snapshots)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from sidecar.drift.recorder import DriftRecorder
 from sidecar.drift.settings import DriftSettings
 from sidecar.workers import snapshots
-from sidecar.workers.snapshots import Family, LocalRegistry, Sample, SnapshotMerge, SnapshotWriter
+from sidecar.workers.snapshots import SnapshotMerge, SnapshotRegistry, snapshot_of
 from tests.test_drift_recorder import reference, table
 
-
-def family(name: str, kind: str, *samples: tuple[str, dict[str, str], float]) -> Family:
-    return Family(name, kind, "help", [Sample(*sample) for sample in samples])
+Values = dict[tuple[str, tuple[str, ...]], float]
 
 
-def values(families: list[Family] | list[Metric]) -> dict[tuple[str, tuple[str, ...]], float]:
+def values(families: list[snapshots.Family] | list[Metric]) -> Values:
     return {
         (sample.name, tuple(sorted(sample.labels.values()))): sample.value
-        for fam in families
-        for sample in fam.samples
+        for family in families
+        for sample in family.samples
     }
 
 
-def test_counters_and_histograms_add_up_gauges_follow_their_policy() -> None:
-    def worker(bins: float, le_one: float, score: float, rows: float, t0: float) -> list[Family]:
-        return [
-            family("ml_drift_bin", "counter", ("ml_drift_bin_total", {"bin": "b00"}, bins)),
-            family(
-                "ml_drift_pit",
-                "histogram",
-                ("ml_drift_pit_bucket", {"le": "1.0"}, le_one),
-                ("ml_drift_pit_count", {}, le_one),
-            ),
-            family("ml_drift_score", "gauge", ("ml_drift_score", {"stat": "psi"}, score)),
-            family("ml_drift_window_rows", "gauge", ("ml_drift_window_rows", {}, rows)),
-            family("process_start_time_seconds", "gauge", ("process_start_time_seconds", {}, t0)),
-        ]
-
-    merged = values(snapshots.merge([worker(3, 5, 0.2, 100, 50), worker(4, 6, 0.1, 30, 40)]))
-    assert merged == {
-        ("ml_drift_bin_total", ("b00",)): 7,
-        ("ml_drift_pit_bucket", ("1.0",)): 11,
-        ("ml_drift_pit_count", ()): 11,
-        ("ml_drift_score", ("psi",)): 0.2,  # the worst worker speaks for the pod
-        ("ml_drift_window_rows", ()): 130,
-        ("process_start_time_seconds", ()): 40,
-    }
-
-
-def test_samples_with_other_labels_stay_apart() -> None:
-    one = [family("ml_drift_bin", "counter", ("ml_drift_bin_total", {"bin": "b00"}, 1))]
-    two = [family("ml_drift_bin", "counter", ("ml_drift_bin_total", {"bin": "b01"}, 2))]
-    assert values(snapshots.merge([one, two])) == {
-        ("ml_drift_bin_total", ("b00",)): 1,
-        ("ml_drift_bin_total", ("b01",)): 2,
-    }
+def merged(merge: SnapshotMerge) -> Values:
+    return values(list(merge.collect()))
 
 
 class Fixed:
@@ -75,49 +40,158 @@ class Fixed:
         return [counter, GaugeMetricFamily("ml_drift_status", "help", value=self.gauge)]
 
 
-def test_a_retired_worker_keeps_its_counters_and_loses_its_gauges(tmp_path: Path) -> None:
-    first, second = Fixed(5, 2), Fixed(3, 1)
-    writers = [
-        SnapshotWriter([collector], tmp_path / f"{pid}{snapshots.SUFFIX}")
-        for pid, collector in ((101, first), (102, second))
-    ]
-    for writer in writers:
-        writer.write()
-    merge = SnapshotMerge(tmp_path)
-    assert values(list(merge.collect())) == {
-        ("ml_drift_bin_total", ("b00",)): 8,
-        ("ml_drift_status", ()): 2,
+class Worker:
+    """A worker's registry: a counter, a histogram, gauges declared with multiprocess modes,
+    and a custom collector."""
+
+    def __init__(self) -> None:
+        self.registry = SnapshotRegistry()
+        self.requests = Counter("ml_requests", "help", ["code"], registry=self.registry)
+        self.latency = Histogram("latency", "help", buckets=[1.0], registry=self.registry)
+        self.in_flight = Gauge(
+            "in_flight", "help", multiprocess_mode="livesum", registry=self.registry
+        )
+        self.log_up = Gauge("log_up", "help", multiprocess_mode="livemin", registry=self.registry)
+        self.info = Gauge("info", "help", multiprocess_mode="max", registry=self.registry)
+        self.custom = Fixed(0, 0)
+        self.registry.register(self.custom)
+
+
+def test_counters_and_histograms_add_up_gauges_merge_by_their_declared_mode() -> None:
+    """livesum gauges add up, livemin keep the smallest, max the largest; custom collectors'
+    gauges follow GAUGE_MERGE (largest when unlisted)."""
+    first, second = Worker(), Worker()
+    for worker, (requests, in_flight, up, status) in (
+        (first, (3, 2, 1, 2)),
+        (second, (4, 5, 0, 1)),
+    ):
+        worker.requests.labels("200").inc(requests)
+        worker.latency.observe(0.5)
+        worker.in_flight.set(in_flight)
+        worker.log_up.set(up)
+        worker.info.set(1)
+        worker.custom.count, worker.custom.gauge = requests, status
+    merge = SnapshotMerge()
+    merge.put(1, snapshot_of(first.registry))
+    merge.put(2, snapshot_of(second.registry))
+    found = merged(merge)
+    assert found[("ml_requests_total", ("200",))] == 7
+    assert found[("latency_bucket", ("1.0",))] == 2
+    assert found[("latency_count", ())] == 2
+    assert found[("latency_sum", ())] == 1.0
+    assert found[("in_flight", ())] == 7
+    assert found[("log_up", ())] == 0
+    assert found[("info", ())] == 1
+    assert found[("ml_drift_bin_total", ("b00",))] == 7
+    assert found[("ml_drift_status", ())] == 2  # the worst worker speaks for the pod
+
+
+def test_custom_gauges_merge_by_gauge_merge() -> None:
+    def worker(score: float, rows: float, started: float) -> list[snapshots.Family]:
+        gauges = [
+            GaugeMetricFamily("ml_drift_score", "help", labels=["stat"]),
+            GaugeMetricFamily("ml_drift_window_rows", "help", value=rows),
+            GaugeMetricFamily("process_start_time_seconds", "help", value=started),
+        ]
+        gauges[0].add_metric(["psi"], score)
+
+        class Custom:
+            def collect(self) -> list[Metric]:
+                return list(gauges)
+
+        return snapshots.families_of([Custom()])
+
+    assert values(snapshots.merge([worker(0.2, 100, 50), worker(0.1, 30, 40)])) == {
+        ("ml_drift_score", ("psi",)): 0.2,
+        ("ml_drift_window_rows", ()): 130,
+        ("process_start_time_seconds", ()): 40,
     }
 
-    merge.retire(writers[0].path)  # the first worker died after its last snapshot
-    assert not writers[0].path.exists()
-    second.count, second.gauge = 4, 0
-    writers[1].write()
-    assert values(list(merge.collect())) == {
-        ("ml_drift_bin_total", ("b00",)): 9,  # 5 kept from the dead worker, 4 from the live one
-        ("ml_drift_status", ()): 0,
-    }
+
+def test_a_gauge_mode_that_cannot_merge_is_refused_at_registration() -> None:
+    with pytest.raises(ValueError, match="'mostrecent' of a gauge cannot be merged"):
+        Gauge("g", "help", multiprocess_mode="mostrecent", registry=SnapshotRegistry())
 
 
-def test_a_worker_snapshots_only_what_lives_in_its_own_process(tmp_path: Path) -> None:
-    """prometheus_client's own metrics are in the mmap files already; a custom collector's
-    samples are not, so only those go into the snapshot, in registration order."""
-    registry = LocalRegistry()
-    Counter("sidecar_plain", "help", registry=registry).inc()
-    custom = Fixed(1, 0)
-    registry.register(custom)
-    assert registry.local == [custom]
-    writer = SnapshotWriter(registry.local, tmp_path / f"7{snapshots.SUFFIX}")
-    writer.write()
-    assert [f.name for f in snapshots.read(writer.path)] == ["ml_drift_bin", "ml_drift_status"]
+def test_a_workers_later_snapshot_replaces_its_earlier_one() -> None:
+    worker = Worker()
+    merge = SnapshotMerge()
+    for total in (1, 2, 3):
+        worker.requests.labels("200").inc()
+        merge.put(7, snapshot_of(worker.registry))
+        assert merged(merge)[("ml_requests_total", ("200",))] == total
 
 
-def test_unreadable_snapshot_counts_as_none(tmp_path: Path) -> None:
-    (tmp_path / f"9{snapshots.SUFFIX}").write_bytes(b"\xc1not msgpack")
-    assert list(SnapshotMerge(tmp_path).collect()) == []
+def test_a_retired_worker_keeps_its_counters_and_loses_its_gauges() -> None:
+    first, second = Worker(), Worker()
+    first.requests.labels("200").inc(5)
+    first.in_flight.set(2)
+    second.requests.labels("200").inc(3)
+    second.in_flight.set(1)
+    merge = SnapshotMerge()
+    merge.put(101, snapshot_of(first.registry))
+    merge.put(102, snapshot_of(second.registry))
+    assert merged(merge)[("in_flight", ())] == 3
+
+    merge.retire(101)  # the first worker died after its last snapshot
+    second.requests.labels("200").inc(1)
+    second.in_flight.set(0)
+    merge.put(102, snapshot_of(second.registry))
+    found = merged(merge)
+    assert found[("ml_requests_total", ("200",))] == 9  # 5 kept from the dead worker, 4 live
+    assert found[("latency_count", ())] == 0
+    assert found[("in_flight", ())] == 0
+
+    merge.retire(102)
+    third = Worker()
+    merge.put(103, snapshot_of(third.registry))
+    assert merged(merge)[("ml_requests_total", ("200",))] == 9  # every retired worker's
 
 
-def test_two_workers_drift_counts_equal_one_process_fed_everything(tmp_path: Path) -> None:
+def test_created_is_the_earliest_and_the_exemplar_the_latest() -> None:
+    """A counter's `_created` is its first worker's; a bucket's exemplar is its newest
+    observation's, whichever worker made it (merged in either order)."""
+    first, second = Worker(), Worker()
+    first.requests.labels("200").inc()
+    second.requests.labels("200").inc()
+    first.latency.observe(0.5, {"trace_id": "old"})
+    second.latency.observe(0.7, {"trace_id": "new"})
+    merge = SnapshotMerge()
+    merge.put(2, snapshot_of(second.registry))
+    merge.put(1, snapshot_of(first.registry))
+    created = values(snapshots.families_of([first.registry]))[("ml_requests_created", ("200",))]
+    metrics = list(merge.collect())
+    assert values(metrics)[("ml_requests_created", ("200",))] == created
+    bucket = next(
+        sample
+        for metric in metrics
+        for sample in metric.samples
+        if sample.name == "latency_bucket" and sample.labels["le"] == "1.0"
+    )
+    assert bucket.value == 2
+    assert bucket.exemplar is not None
+    assert bucket.exemplar.labels == {"trace_id": "new"}
+    assert bucket.exemplar.value == 0.7
+
+
+def test_an_unreadable_snapshot_leaves_the_previous_one() -> None:
+    worker = Worker()
+    worker.requests.labels("200").inc(2)
+    merge = SnapshotMerge()
+    merge.put(9, snapshot_of(worker.registry))
+    merge.put(9, b"\xc1not msgpack")
+    assert merged(merge)[("ml_requests_total", ("200",))] == 2
+
+
+def test_the_supervisors_own_collectors_join_the_sum() -> None:
+    worker = Worker()
+    worker.custom.count = 4
+    merge = SnapshotMerge(own=[Fixed(1, 0)])
+    merge.put(1, snapshot_of(worker.registry))
+    assert merged(merge)[("ml_drift_bin_total", ("b00",))] == 5
+
+
+def test_two_workers_drift_counts_equal_one_process_fed_everything() -> None:
     """The merged drift bins and PIT histogram of two recorders fed the two halves of a stream
     are those of one recorder fed all of it."""
     rng = np.random.default_rng(3)
@@ -128,16 +202,18 @@ def test_two_workers_drift_counts_equal_one_process_fed_everything(tmp_path: Pat
         settings = DriftSettings()
         return DriftRecorder(profile, model_name="iris", model_version="1", settings=settings)
 
-    whole, halves = drift(), [drift(), drift()]
+    whole, merge = drift(), SnapshotMerge()
     whole.observe_features(table(rows))
     for index, (start, stop) in enumerate(((0, 600), (600, 1500))):
-        halves[index].observe_features(table({k: v[start:stop] for k, v in rows.items()}))
-        SnapshotWriter([halves[index]], tmp_path / f"{index}{snapshots.SUFFIX}").write()
+        half, registry = drift(), SnapshotRegistry()
+        registry.register(half)
+        half.observe_features(table({k: v[start:stop] for k, v in rows.items()}))
+        merge.put(index, snapshot_of(registry))
 
-    merged = values(list(SnapshotMerge(tmp_path).collect()))
+    found = merged(merge)
     expected = values(list(whole.collect()))
     counted = ("ml_drift_bin", "ml_drift_pit")
     counts = {k: v for k, v in expected.items() if k[0].startswith(counted)}
     assert len(counts) > 40  # bins of both features, PIT buckets, sums and counts
-    assert {key: merged[key] for key in counts} == pytest.approx(counts, rel=1e-12)
-    assert merged[("ml_drift_window_rows", ("1", "iris", "x"))] == 1500
+    assert {key: found[key] for key in counts} == pytest.approx(counts, rel=1e-12)
+    assert found[("ml_drift_window_rows", ("1", "iris", "x"))] == 1500

@@ -1,5 +1,6 @@
 """`sidecar serve --workers N`, with real processes: a supervisor, workers sharing the proxy
-port through SO_REUSEPORT, merged metrics, a worker killed mid-stream, reload, exits.
+port through SO_REUSEPORT, merged metrics (exact at every scrape, and across workers killed or
+stopped), a worker killed mid-stream, reload, exits.
 
 Which worker holds which connection is read from /proc (Linux, as SO_REUSEPORT spreading is)."""
 
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -23,8 +25,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.cli import main
 from sidecar.demo.model import FEATURES, sample_rows
-from sidecar.workers import mpfiles
+from sidecar.workers import channel
 from sidecar.workers.health import HEALTH_SOCKET, HealthInbox, HealthRelay
+from sidecar.workers.supervisor import CONFIG_FILE
 from tests.conftest import CannedUpstream, ServeProcess, reserved_port
 from tests.test_drift_e2e import write_reference
 from tests.test_readiness import restartable_upstream, until
@@ -37,6 +40,7 @@ class Running:
     process: asyncio.subprocess.Process
     port: int
     metrics_port: int
+    log: list[dict[str, Any]]  # the supervisor's log lines so far
 
     @property
     def proxy(self) -> str:
@@ -48,6 +52,11 @@ class Running:
 
     def workers(self) -> set[int]:
         return _children(self.process.pid)
+
+    def serving(self) -> set[int]:
+        """The workers the supervisor has seen serve (their first snapshot is in): a scrape
+        counts them."""
+        return {line["pid"] for line in self.log if line.get("msg") == "worker serving"}
 
 
 @asynccontextmanager
@@ -63,9 +72,12 @@ async def supervisor(upstream: str, *extra: str, workers: int = 2) -> AsyncItera
         )
         process = served.process
         try:
-            running = Running(process, port, await served.port("supervising", "admin"))
+            running = Running(
+                process, port, await served.port("supervising", "admin"), served.lines
+            )
             await _until(lambda: len(_listening(port)) == workers, process)
             await _until(lambda: len(running.workers()) == workers, process)
+            await _until(lambda: running.workers() <= running.serving(), process)
             yield running
         finally:
             if process.returncode is None:
@@ -146,7 +158,8 @@ async def _metric_sum(session: aiohttp.ClientSession, url: str, name: str, **lab
 async def _until_metric(
     session: aiohttp.ClientSession, url: str, name: str, expected: float, **labels: str
 ) -> None:
-    """Poll until the merged sum equals `expected` exactly (snapshots lag up to a second)."""
+    """Poll until the merged sum equals `expected` exactly (for what a scrape does not wait
+    for: a worker that is starting, streams still being relayed)."""
     seen = None
     for _ in range(200):
         seen = await _metric_sum(session, url, name, **labels)
@@ -159,8 +172,9 @@ async def _until_metric(
 async def test_two_workers_share_the_port_and_merged_counts_are_exact(
     toy_model: str, tmp_path: Path
 ) -> None:
-    """400 KServe V1 requests over 32 connections: both workers serve some, and the merged
-    request, prediction and drift counters equal what was sent, exactly."""
+    """400 KServe V1 requests over 32 connections: both workers serve some, and a scrape right
+    after the last reply has the merged request, prediction and drift counters equal to what
+    was sent, exactly."""
     reference = tmp_path / "reference.csv"
     write_reference(reference, 4000)
     profile = tmp_path / "profile.json"
@@ -187,13 +201,13 @@ async def test_two_workers_share_the_port_and_merged_counts_are_exact(
             assert set(owners.values()) == running.workers()  # both hold connections
 
             metrics = running.metrics
-            await _until_metric(session, metrics, "ml_requests_total", 400, code="200")
-            await _until_metric(session, metrics, "ml_predictions_total", sum(predicted))
+            assert await _metric_sum(session, metrics, "ml_requests_total", code="200") == 400
+            assert await _metric_sum(session, metrics, "ml_predictions_total") == sum(predicted)
             rows = sum(map(len, batches))
             for feature in FEATURES:
-                await _until_metric(session, metrics, "ml_drift_bin_total", rows, feature=feature)
+                bins = await _metric_sum(session, metrics, "ml_drift_bin_total", feature=feature)
                 pit = await _metric_sum(session, metrics, "ml_drift_pit_count", feature=feature)
-                assert pit == rows
+                assert (bins, pit) == (rows, rows)
             assert await _metric_sum(session, metrics, "ml_requests_in_progress") == 0
             # The pod's open files: the 32 connections the workers hold are among them.
             assert await _metric_sum(session, metrics, "process_open_fds") > 32
@@ -212,7 +226,7 @@ async def test_a_killed_worker_is_replaced_and_only_its_clients_notice(
         for _ in range(20):
             async with session.get(f"{running.proxy}/json") as response:
                 assert response.status == 200
-        await _until_metric(session, metrics, "ml_requests_total", 20)
+        assert await _metric_sum(session, metrics, "ml_requests_total") == 20
 
         streams = [await session.get(f"{running.proxy}/sse") for _ in range(16)]
         for response in streams:
@@ -220,6 +234,8 @@ async def test_a_killed_worker_is_replaced_and_only_its_clients_notice(
         owners = _owners(running.port, running.workers())
         holders = [owners[_client_port(response)] for response in streams]
         victim, survivor = sorted(set(holders))  # both workers hold some streams
+        # In flight: each worker's own, summed (multiprocess_mode="livesum").
+        assert await _metric_sum(session, metrics, "ml_requests_in_progress") == 16
         before = await _metric_sum(session, metrics, "ml_requests_total")
 
         os.kill(victim, signal.SIGKILL)
@@ -244,27 +260,31 @@ async def test_a_killed_worker_is_replaced_and_only_its_clients_notice(
         assert await _metric_sum(session, metrics, "ml_requests_in_progress") == 0
 
 
-async def test_killed_workers_leave_their_counts_and_no_files_behind(
+async def _send(session: aiohttp.ClientSession, running: Running, requests: int) -> None:
+    """`requests` requests, each on a new connection: both workers serve some (all to one: odds
+    of 2 in 2^requests)."""
+    for _ in range(requests):
+        async with session.get(f"{running.proxy}/json") as response:
+            assert response.status == 200
+
+
+async def test_every_scrape_counts_all_traffic_before_it_and_sigkills_lose_none_of_it(
     canned_upstream: CannedUpstream,
 ) -> None:
-    """kill -9 a worker five times, with requests in between: after every kill the merged
-    request counter and latency count equal the requests sent, exactly, and the worker directory
-    holds the live workers' files and one retired file per type, however many have died."""
+    """kill -9 a worker five times, with requests in between: a scrape right after the requests
+    counts them all, exactly (every worker snapshots for it), and after every kill, with that
+    scrape its last snapshot, the merged counts stay exact. The workers' directory holds no
+    metric files, however many have died."""
     async with (
         supervisor(canned_upstream.url) as running,
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
     ):
         directory = _worker_directory(min(running.workers()))
-        metrics, sent, bound = running.metrics, 0, 0
+        metrics, sent = running.metrics, 0
         for kill in range(1, 6):
-            # 20 new connections: both workers serve some (all to one: odds of 2 in 2^20).
-            for _ in range(20):
-                async with session.get(f"{running.proxy}/json") as response:
-                    assert response.status == 200
+            await _send(session, running, 20)
             sent += 20
-            await _until_metric(session, metrics, "ml_requests_total", sent)
-            if not bound:  # two workers' files, and room for one retired file of each type
-                bound = len(list(directory.glob("*.db"))) * 3 // 2
+            assert await _metric_sum(session, metrics, "ml_requests_total") == sent
 
             victim = sorted(running.workers())[kill % 2]
             os.kill(victim, signal.SIGKILL)
@@ -272,19 +292,76 @@ async def test_killed_workers_leave_their_counts_and_no_files_behind(
             assert await _metric_sum(session, metrics, "ml_requests_total") == sent
             assert await _metric_sum(session, metrics, "ml_request_duration_seconds_count") == sent
             assert await _metric_sum(session, metrics, "sidecar_worker_restarts_total") == kill
-            files = [path.name for path in directory.glob("*.db")]
-            owners = {name.removesuffix(".db").rsplit("_", 1)[1] for name in files}
-            assert owners <= {*map(str, running.workers()), mpfiles.RETIRED}
-            assert len(files) <= bound
+        assert sorted(path.name for path in directory.iterdir()) == [CONFIG_FILE, HEALTH_SOCKET]
+
+
+async def test_a_worker_killed_unscraped_keeps_what_its_last_periodic_snapshot_counted(
+    canned_upstream: CannedUpstream,
+) -> None:
+    """No scrape between the requests and kill -9: the worker sent a snapshot of its own since
+    (every PERIOD seconds), so its requests stay counted, exactly."""
+    async with (
+        supervisor(canned_upstream.url) as running,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
+    ):
+        await _send(session, running, 20)
+        await asyncio.sleep(2.5 * channel.PERIOD)
+        victim = min(running.workers())
+        os.kill(victim, signal.SIGKILL)
+        await _until_replaced(running, victim)
+        assert await _metric_sum(session, running.metrics, "ml_requests_total") == 20
+
+
+async def test_counts_stay_exact_across_workers_stopped_gracefully(
+    canned_upstream: CannedUpstream,
+) -> None:
+    """SIGTERM a worker right after requests, three times, no scrape in between: it drains and
+    sends its last snapshot as it exits, so after every restart the merged counts are exact."""
+    async with (
+        supervisor(canned_upstream.url) as running,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
+    ):
+        metrics = running.metrics
+        for stop in range(1, 4):
+            await _send(session, running, 20)
+            victim = sorted(running.workers())[stop % 2]
+            os.kill(victim, signal.SIGTERM)
+            await _until_replaced(running, victim)
+            assert await _metric_sum(session, metrics, "ml_requests_total") == 20 * stop
+            assert await _metric_sum(session, metrics, "sidecar_worker_restarts_total") == stop
+
+
+async def test_merged_latency_buckets_carry_trace_exemplars(
+    canned_upstream: CannedUpstream,
+) -> None:
+    """A traced request's exemplar reaches the supervisor's OpenMetrics scrape, as it does one
+    process's."""
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    async with (
+        supervisor(canned_upstream.url) as running,
+        aiohttp.ClientSession() as session,
+    ):
+        headers = {"traceparent": f"00-{trace}-00f067aa0ba902b7-01"}
+        async with session.get(f"{running.proxy}/json", headers=headers) as response:
+            assert response.status == 200
+        openmetrics = {"Accept": "application/openmetrics-text; version=1.0.0"}
+        async with session.get(running.metrics, headers=openmetrics) as response:
+            text = await response.text()
+    traced = [line for line in text.splitlines() if f'# {{trace_id="{trace}"}}' in line]
+    assert {line.split("{", 1)[0] for line in traced} == {
+        "ml_request_duration_seconds_bucket",
+        "ml_upstream_duration_seconds_bucket",
+    }
 
 
 async def _until_replaced(running: Running, victim: int) -> None:
-    """Until the supervisor has reaped `victim` (and retired it) and a new worker listens."""
+    """Until the supervisor has reaped `victim` (and retired it) and a new worker serves."""
     # Reaped first: a killed worker's socket may still listen until its exit is complete.
     await _until(
         lambda: victim not in running.workers() and len(_listening(running.port)) == 2,
         running.process,
     )
+    await _until(lambda: running.workers() <= running.serving(), running.process)
 
 
 async def test_a_workers_failed_request_reaches_readyz_at_once(tmp_path: Path) -> None:
@@ -349,7 +426,7 @@ async def test_the_health_relay_hands_a_workers_word_to_the_supervisor(tmp_path:
 
 
 def _worker_directory(pid: int) -> Path:
-    """The --worker-dir a worker was started with: the supervisor's multiprocess directory."""
+    """The --worker-dir a worker was started with: the supervisor's directory."""
     arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     return Path(arguments[arguments.index(b"--worker-dir") + 1].decode())
 

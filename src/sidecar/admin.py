@@ -22,6 +22,7 @@ from sidecar.admin_http import (
 )
 from sidecar.feedback.recorder import FeedbackError, FeedbackRecorder, parse_feedback
 from sidecar.proxy.http1 import Handler, Http1Server, HttpConnection, Request
+from sidecar.recorders.labels import PROMETHEUS_SCRAPE, SeriesBirths
 from sidecar.upstream_metrics import UpstreamMetrics
 
 ReadinessCheck = Callable[[], tuple[bool, str]]
@@ -40,18 +41,24 @@ def _metrics_route(
 ) -> Route:
     """Our registry, once `refresh` has brought it up to date; with `upstream`, the model
     server's metrics after it, fetched now."""
+    births = SeriesBirths(registry)
+
+    def ours(request: Request) -> Collector:
+        # A Prometheus scrape is shown each new counter and histogram series at 0 first, so
+        # that increase() counts what it gained before (docs/metrics.md, "Guarantees").
+        return births.scrape() if header(request, PROMETHEUS_SCRAPE) else registry
 
     def metrics(request: Request, connection: HttpConnection) -> Reply | Awaitable[Reply]:
         if upstream is None and refresh is None:
-            return _exposition(request, registry)
+            return _exposition(request, ours(request))
         return refreshed(request)
 
     async def refreshed(request: Request) -> Reply:
         if refresh is not None:
             await refresh()
         if upstream is None:
-            return _exposition(request, registry)
-        return _exposition(request, await upstream.scrape(registry))
+            return _exposition(request, ours(request))
+        return _exposition(request, await upstream.scrape(ours(request)))
 
     return metrics
 

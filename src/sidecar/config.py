@@ -367,6 +367,8 @@ def _explain(message: str, raw: Mapping[str, Any], sources: Mapping[str, str]) -
     detail = _PATH_IN_MESSAGE.sub("", message)
     if unknown:
         key = _join(path, unknown["field"])
+        if key in _REPLACED:
+            return f"key `{key}` was replaced: {_REPLACED[key]} ({_where(key, sources)})"
         return f"key `{key}` is not a known setting ({_where(key, sources)}); check its spelling"
     key = path.lstrip(".") or _leading_key(detail)
     value = _lookup(raw, path) if path else raw.get(key, _MISSING)
@@ -378,6 +380,13 @@ def _explain(message: str, raw: Mapping[str, Any], sources: Mapping[str, str]) -
 
 
 _MISSING = object()
+# Keys of earlier releases, and what took their place.
+_REPLACED = dict.fromkeys(
+    ("drift.psi_warning", "drift.psi_critical", "drift.ks_warning", "drift.ks_critical"),
+    "a window is flagged when a statistic passes its noise floor, and its severity is read "
+    "from drift.warning_shift and drift.critical_shift (shifts in standard deviations, "
+    "docs/drift.md)",
+)
 
 
 def _leading_key(detail: str) -> str:

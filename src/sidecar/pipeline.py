@@ -156,8 +156,8 @@ class Pipeline:
         if ticket is None:
             ticket = self._ticket(method, path)
         # The in-flight gauge moves at the drain, by each route's arrivals less its ends: a
-        # gauge update is a lock (a locked file write with --workers) and is made per drain,
-        # not twice per request. A scrape drains first, so it never sees the difference.
+        # gauge update takes a lock and is made per drain, not twice per request. A scrape
+        # drains first, so it never sees the difference.
         self._arrived[ticket] = self._arrived.get(ticket, 0) + 1
         self._drain_later()
         return ticket

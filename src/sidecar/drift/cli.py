@@ -24,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="profile a CSV, Parquet or JSON Lines file",
         description=(
             "Read DATA in two streaming passes (files larger than memory work) and write the "
-            "profile: 20 equal-mass bins, CDF, mean, std and missing share per numeric column; "
+            "profile: up to 20 equal-mass bins (whole values: ties never split), CDF, mean, std "
+            "and missing share per numeric column; "
             "the top-K values per categorical column. Types are inferred from the first batch."
         ),
     )

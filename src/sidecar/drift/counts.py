@@ -1,10 +1,10 @@
 """Drift counting: the rows of each batch into a reference's bins, and the windows they add up in.
 
-A reference profile becomes per-feature specs once (search points, PIT table, category codes);
-each batch is then counted into one flat array per side (inputs or outputs) that adds and
-subtracts in place, so totals and the in-process window cost a few numpy adds per batch. The input
-adapters that turn extraction results into columns, and pool small batches, live here too. Scores
-and export are drift.py's.
+A reference profile becomes per-feature specs once (search points, PIT table, category codes,
+what the noise floors need); each batch is then counted into one flat array per side (inputs or
+outputs) that adds and subtracts in place, so totals and the in-process window (and its recent
+part) cost a few numpy adds per batch. The input adapters that turn extraction results into
+columns, and pool small batches, live here too. Scores and export are recorder.py's.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from numpy.typing import NDArray
 
 from sidecar.drift import profile as profiles
 from sidecar.drift import sketches as sk
+from sidecar.drift.floors import PsiFloors, wasserstein_spread
 from sidecar.extract.types import FeatureTable, Outputs
 
 __all__ = [
-    "FLOOR_ROWS",
+    "RECENT_SLOTS",
     "WINDOW_SLOTS",
     "Counts",
     "Group",
@@ -38,7 +39,9 @@ __all__ = [
 ]
 
 WINDOW_SLOTS = 10  # the in-process window moves in tenths of its size
-FLOOR_ROWS = 1000  # window size at which the Wasserstein floor is simulated, then scaled
+# The short window: the window's last two slots (between a tenth and a fifth of it). A change
+# fills it long before it is a large part of the whole window, so it is seen at full size soon.
+RECENT_SLOTS = 2
 
 
 # --- per-feature specs, decided once ------------------------------------------------------------
@@ -58,7 +61,8 @@ class Numeric:
     labels: tuple[str, ...]
     rows: int
     numbers: int
-    w_floor: float  # at FLOOR_ROWS rows
+    spread: float  # the Wasserstein floor's mean term (floors.wasserstein_spread)
+    psi_floors: PsiFloors
 
     @property
     def size(self) -> int:
@@ -72,6 +76,7 @@ class _Categorical:
     reference: sk.Float
     labels: tuple[str, ...]
     rows: int
+    psi_floors: PsiFloors
 
     @property
     def size(self) -> int:
@@ -81,12 +86,18 @@ class _Categorical:
 Spec = Numeric | _Categorical
 
 
-def _spec(feature: profiles.Feature, rng: np.random.Generator) -> Spec:
+def _spec(feature: profiles.Feature) -> Spec:
     reference = np.fromiter(feature.fractions.values(), dtype=np.float64)
     labels = tuple(feature.fractions)
+    rows = max(feature.count, 1)
     if isinstance(feature, profiles.CategoricalFeature):
         return _Categorical(
-            feature.name, sk.categories(feature.values), reference, labels, max(feature.count, 1)
+            feature.name,
+            sk.categories(feature.values),
+            reference,
+            labels,
+            rows,
+            PsiFloors(reference, rows),
         )
     edges = np.asarray(feature.edges, dtype=np.float64)
     cdf = sk.make_cdf(
@@ -108,9 +119,10 @@ def _spec(feature: profiles.Feature, rng: np.random.Generator) -> Spec:
         scale=scale,
         reference=reference,
         labels=labels,
-        rows=max(feature.count, 1),
+        rows=rows,
         numbers=max(feature.count - feature.missing - feature.nan, 1),
-        w_floor=sk.wasserstein_floor(quantiles, FLOOR_ROWS, rng) / scale,
+        spread=wasserstein_spread(quantiles, scale),
+        psi_floors=PsiFloors(reference, rows),
     )
 
 
@@ -172,6 +184,17 @@ class _Window:
         self._expire(now)
         return self.total.copy()
 
+    def recent(self, now: float) -> Counts:
+        """The short window: what the last RECENT_SLOTS slots hold."""
+        self._expire(now)
+        slots = list(self._slots)[-RECENT_SLOTS:]
+        if not slots:
+            return self.total.copy()  # empty
+        recent = slots[0][1].copy()
+        for _, counts in slots[1:]:
+            recent.add(counts)
+        return recent
+
     def _expire(self, now: float) -> None:
         if self._kind == "count":
             # Keep at least `length` rows: drop the oldest slot only if the rest still has them.
@@ -197,13 +220,9 @@ class Group:
     """The features of one side (inputs or outputs): specs, layout offsets, totals, window."""
 
     def __init__(
-        self,
-        features: Sequence[profiles.Feature],
-        kind: Literal["count", "time"],
-        length: float,
-        rng: np.random.Generator,
+        self, features: Sequence[profiles.Feature], kind: Literal["count", "time"], length: float
     ) -> None:
-        self.specs = [_spec(f, rng) for f in features]
+        self.specs = [_spec(f) for f in features]
         self.offsets = np.cumsum([0, *(s.size for s in self.specs)])
         numeric = [i for i, s in enumerate(self.specs) if isinstance(s, Numeric)]
         self.numeric_slot = {i: k for k, i in enumerate(numeric)}

@@ -30,11 +30,10 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from sidecar.drift import floors, summary, verdict
 from sidecar.drift import profile as profiles
 from sidecar.drift import sketches as sk
-from sidecar.drift import summary
 from sidecar.drift.counts import (
-    FLOOR_ROWS,
     WINDOW_SLOTS,
     Counts,
     Group,
@@ -55,61 +54,84 @@ __all__ = ["DriftRecorder"]
 MODEL_LABELS = ("model_name", "model_version")
 NUMERIC_STATS = ("psi", "ks", "js", "linf", "wasserstein")
 CATEGORICAL_STATS = ("psi", "js", "linf")
+# The severity (verdict.py), exported as one more ml_drift_score stat: the larger of the window's
+# and its short part's, since status grades both.
+SHIFT = "shift"
 MAX_FEATURES = 256  # a reference frozen from traffic covers at most this many columns
 # Small batches are counted together once this many rows are waiting (fewer with a count window:
 # at most one of its slots, so that the window still moves in tenths of its size).
 POOL_ROWS = 2048
 
-# --- scores -------------------------------------------------------------------------------------
+# --- scores and verdicts ------------------------------------------------------------------------
 
 
 class _Score(NamedTuple):
     value: float
-    floor: float
+    floor: float  # NaN for the statistics that decide nothing (js, linf)
 
 
-def _scores(
-    spec: Spec, bins: NDArray[np.int64], rows: int, view: _FeatureView, alpha: float
-) -> dict[str, _Score]:
-    """Each statistic over the window and its no-drift floor for this many rows."""
+class _Judged(NamedTuple):
+    """One window of one feature: its scores, its shift (verdict.py) and the level it earns."""
+
+    scores: dict[str, _Score]
+    shift: float
+    level: int
+
+
+def _judge(
+    spec: Spec,
+    bins: NDArray[np.int64],
+    rows: int,
+    view: _FeatureView,
+    level: float,
+    settings: DriftSettings,
+) -> _Judged:
+    """Score one window, and grade it: a level above 0 needs min_window rows, a deciding
+    statistic above its floor at the corrected `level`, and a shift of at least warning_shift."""
     nan = _Score(math.nan, math.nan)
     if rows == 0:
         stats = NUMERIC_STATS if isinstance(spec, Numeric) else CATEGORICAL_STATS
-        return dict.fromkeys(stats, nan)
+        return _Judged(dict.fromkeys(stats, nan), math.nan, 0)
     p, q = bins / rows, spec.reference
-    df = max(int(np.count_nonzero(q)) - 1, 1)
     scores = {
-        "psi": _Score(sk.psi(p, q), sk.psi_floor(rows, spec.rows, df, alpha)),
-        "js": _Score(sk.js(p, q), sk.js_floor(rows, spec.rows, df, alpha)),
-        "linf": _Score(sk.linf(p, q), sk.linf_floor(rows, spec.rows, q, alpha)),
+        "psi": _Score(sk.psi(p, q), spec.psi_floors.floor(rows, level)),
+        "js": _Score(sk.js(p, q), math.nan),
+        "linf": _Score(sk.linf(p, q), math.nan),
     }
+    judged = [rows]  # the rows each deciding statistic read, in the order of `decisive`
     if isinstance(spec, Numeric):
-        below, above = int(bins[0]), int(bins[spec.bins + 1])
+        shift = _numeric_shares_shift(p, q)
         numbers = int(view.cells.sum())
         if numbers == 0:
             scores["ks"] = scores["wasserstein"] = nan
         else:
+            below, above = int(bins[0]), int(bins[spec.bins + 1])
             ks = sk.ks_from_pit(view.cells, below, above)
             w = sk.wasserstein_from_pit(view.cells, below, above, view.tails, spec.quantiles)
-            w_floor = spec.w_floor * math.sqrt(FLOOR_ROWS * (1.0 / numbers + 1.0 / spec.numbers))
-            scores["ks"] = _Score(ks, sk.ks_floor(numbers, spec.numbers, alpha))
+            w_floor = floors.wasserstein_floor(numbers, spec.numbers, level, spec.spread)
+            scores["ks"] = _Score(ks, floors.ks_floor(numbers, spec.numbers, level))
             scores["wasserstein"] = _Score(w / spec.scale, w_floor)
-    return scores
+            shift = max(shift, w / spec.scale)
+        judged += [numbers, numbers]
+        decisive: tuple[str, ...] = verdict.NUMERIC_TESTS
+    else:
+        shift = verdict.share_shift(p, q)
+        decisive = verdict.CATEGORICAL_TESTS
+    significant = any(
+        n >= settings.min_window and scores[stat].value > scores[stat].floor
+        for stat, n in zip(decisive, judged, strict=True)
+    )
+    grade = verdict.grade(shift, settings.warning_shift, settings.critical_shift)
+    return _Judged(scores, shift, grade if significant else 0)
 
 
-def _status(scores: Mapping[str, _Score], rows: int, numbers: int, settings: DriftSettings) -> int:
-    """0 ok, 1 warning, 2 critical. A statistic is judged only over min_window rows (values, for
-    KS) and only where it clears both the practical threshold and its noise floor."""
-    level = 0
-    if rows >= settings.min_window:
-        psi = scores["psi"]
-        level = sk.drift_level(psi.value, psi.floor, settings.psi_warning, settings.psi_critical)
-    if "ks" in scores and numbers >= settings.min_window:
-        ks = scores["ks"]
-        level = max(
-            level, sk.drift_level(ks.value, ks.floor, settings.ks_warning, settings.ks_critical)
-        )
-    return level
+def _numeric_shares_shift(p: sk.Float, q: sk.Float) -> float:
+    """The shift of the shares of numbers, missing and not-a-number cells (the last two bins)."""
+
+    def shares(x: sk.Float) -> sk.Float:
+        return np.array([1.0 - x[-2] - x[-1], x[-2], x[-1]])
+
+    return verdict.share_shift(shares(p), shares(q))
 
 
 class _FeatureView(NamedTuple):
@@ -126,6 +148,24 @@ def _view(group: Group, i: int, counts: Counts) -> _FeatureView:
     return _FeatureView(
         cells, float(counts.pit_sum[k]), (float(counts.tails[k, 0]), float(counts.tails[k, 1]))
     )
+
+
+class _Snapshot(NamedTuple):
+    """A group's counts at one scrape: all time, the window, and its short (recent) part."""
+
+    total: Counts
+    window: Counts
+    recent: Counts
+
+
+def _tests(groups: Iterable[Group]) -> int:
+    """How many tests one scrape makes: per window, every feature's deciding statistics."""
+    per_window = sum(
+        len(verdict.NUMERIC_TESTS if isinstance(spec, Numeric) else verdict.CATEGORICAL_TESTS)
+        for group in groups
+        for spec in group.specs
+    )
+    return per_window * verdict.WINDOWS
 
 
 # --- the recorder -------------------------------------------------------------------------------
@@ -177,7 +217,7 @@ class DriftRecorder(Collector):
         self._model = [model_name, model_version]
         self._clock, self._prefix = clock, prefix
         self._lock = threading.Lock()
-        self._rng = np.random.default_rng(0)  # PIT tie-breaking and floor simulation
+        self._rng = np.random.default_rng(0)  # PIT tie-breaking at repeated values
         self._profile = profile
         self._inputs, self._outputs = _Side(), _Side()
         self._pooled_tables: list[FeatureTable] = []
@@ -192,15 +232,8 @@ class DriftRecorder(Collector):
             (self._outputs, profile.outputs if profile else []),
         ):
             if features:
-                side.group, side.features = (
-                    Group(
-                        features,
-                        self._settings.window,
-                        self._settings.window_length,
-                        self._rng,
-                    ),
-                    list(features),
-                )
+                side.group = Group(features, self._settings.window, self._settings.window_length)
+                side.features = list(features)
             else:
                 side.pending = []
 
@@ -309,9 +342,7 @@ class DriftRecorder(Collector):
         built = summary.build_from_batches(
             lambda: batches, specs, sample_size=max(summary.SAMPLE_SIZE, side.pending_rows)
         )
-        group = Group(
-            built.features, self._settings.window, self._settings.window_length, self._rng
-        )
+        group = Group(built.features, self._settings.window, self._settings.window_length)
         with self._lock:
             side.group, side.features, side.pending, side.pending_rows = (
                 group,
@@ -353,16 +384,17 @@ class DriftRecorder(Collector):
         now = self._clock()
         with self._lock:
             views = [
-                (g, g.total.copy(), g.window.snapshot(now))
+                (g, _Snapshot(g.total.copy(), g.window.snapshot(now), g.window.recent(now)))
                 for g in (self._inputs.group, self._outputs.group)
                 if g is not None
             ]
             collecting = any(side.pending_rows for side in (self._inputs, self._outputs))
         families = self._families()
         statuses: list[int] = []
-        for g, total, window in views:
+        level = verdict.test_level(self._settings.noise_alpha, _tests(g for g, _ in views))
+        for g, snapshot in views:
             for i, spec in enumerate(g.specs):
-                status = self._export(families, g, i, spec, total, window)
+                status = self._export(families, g, i, spec, snapshot, level)
                 if g is self._inputs.group:
                     statuses.append(status)
         share = sum(s > 0 for s in statuses) / len(statuses) if statuses else 0.0
@@ -374,27 +406,29 @@ class DriftRecorder(Collector):
         return list(families)
 
     def _export(
-        self, f: _Families, group: Group, i: int, spec: Spec, total: Counts, window: Counts
+        self, f: _Families, group: Group, i: int, spec: Spec, snapshot: _Snapshot, level: float
     ) -> int:
+        """One feature's series; its status: the higher of the long and the short window's."""
         lo, hi = int(group.offsets[i]), int(group.offsets[i + 1])
         labels = [*self._model, spec.name]
         for label, count, share in zip(
-            spec.labels, total.bins[lo:hi].tolist(), spec.reference.tolist(), strict=True
+            spec.labels, snapshot.total.bins[lo:hi].tolist(), spec.reference.tolist(), strict=True
         ):
             f.bins.add_metric([*labels, label], count)
             f.reference.add_metric([*labels, label], share)
-        bins = window.bins[lo:hi]
-        view = _view(group, i, window)
-        scores = _scores(spec, bins, window.rows, view, self._settings.noise_alpha)
-        for stat, score in scores.items():
+        window, recent = (
+            _judge(spec, w.bins[lo:hi], w.rows, _view(group, i, w), level, self._settings)
+            for w in (snapshot.window, snapshot.recent)
+        )
+        for stat, score in window.scores.items():
             f.score.add_metric([*labels, stat], score.value)
-            f.floor.add_metric([*labels, stat], score.floor)
-        f.window.add_metric(labels, window.rows)
-        numbers = 0
+            if not math.isnan(score.floor):
+                f.floor.add_metric([*labels, stat], score.floor)
+        f.score.add_metric([*labels, SHIFT], max(window.shift, recent.shift))
+        f.window.add_metric(labels, snapshot.window.rows)
         if isinstance(spec, Numeric):
-            numbers = window.rows - int(bins[-2] + bins[-1])
-            self._export_pit(f, labels, _view(group, i, total))
-        status = _status(scores, window.rows, numbers, self._settings)
+            self._export_pit(f, labels, _view(group, i, snapshot.total))
+        status = max(window.level, recent.level)
         f.status.add_metric(labels, status)
         return status
 
@@ -428,13 +462,14 @@ _HELP = {
     "reference value, unseen, missing.",
     "ref": "Share of the reference in each bin, to compare with increase(ml_drift_bin_total).",
     "pit": "u = F_ref(x) of every numeric value; uniform when nothing drifted.",
-    "score": "Drift of this pod's in-process window against the reference "
-    "(wasserstein in reference standard deviations).",
-    "floor": "Score a window of this size exceeds by chance with probability noise_alpha "
-    "when nothing drifted.",
+    "score": "Drift of this pod's in-process window against the reference (wasserstein and "
+    "shift in reference standard deviations; shift is what status grades).",
+    "floor": "Score a window of this size exceeds by chance, when nothing drifted, with "
+    "probability noise_alpha divided by the tests the model makes.",
     "window": "Rows in this pod's in-process drift window.",
-    "status": "0 ok, 1 warning, 2 critical: at least min_window rows and a score above both "
-    "the threshold and the noise floor.",
+    "status": "0 ok, 1 warning, 2 critical: the window or its last fifth has min_window rows, "
+    "a psi, ks or wasserstein score above its noise floor, and a shift of warning_shift "
+    "(critical_shift) or more.",
     "share": "Share of input features whose drift status is warning or critical.",
     "dataset": "1 when the share of drifted input features reaches dataset_drift_share.",
     "frozen": "1 once every side with traffic has a reference; 0 while the first rows of a "

@@ -1,5 +1,5 @@
-"""Drift arithmetic in plain numpy: equal-mass bins, binning, PSI, JS, L-infinity, KS, Wasserstein,
-and the no-drift noise floor of each statistic for a window of n rows.
+"""Drift arithmetic in plain numpy: equal-mass bins, binning, the PIT, and PSI, JS, L-infinity, KS
+and Wasserstein. Their no-drift noise floors are drift/floors.py's.
 
 No Prometheus and no HTTP here: arrays in, arrays or floats out.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from statistics import NormalDist
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -35,17 +34,12 @@ __all__ = [
     "categorical_codes",
     "categorical_labels",
     "categories",
-    "chi2_quantile",
     "cumulative_pit_buckets",
-    "drift_level",
     "equal_mass_edges",
     "js",
-    "js_floor",
-    "ks_floor",
     "ks_from_pit",
     "ks_two_sample",
     "linf",
-    "linf_floor",
     "make_cdf",
     "make_pit_table",
     "number_codes",
@@ -57,9 +51,7 @@ __all__ = [
     "pit_counts",
     "pit_sum",
     "psi",
-    "psi_floor",
     "search_points",
-    "wasserstein_floor",
     "wasserstein_from_pit",
 ]
 
@@ -97,33 +89,57 @@ Index = NDArray[np.intp]
 def equal_mass_edges(
     sample: Float, lo: float, hi: float, n_bins: int = N_BINS, *, discrete: Float | None = None
 ) -> Float:
-    """B+1 edges ``lo, cuts..., hi`` holding about equal reference mass in each of the B bins.
+    """At most B+1 edges ``lo, cuts..., hi`` holding about equal reference mass in each bin.
 
     `sample` is a sorted sample of the finite reference values; `lo`/`hi` are the exact minimum and
     maximum. `discrete`, when given, is every distinct reference value (there are at most `n_bins`):
-    each value then gets its own bin, cut half-way to its neighbours.
+    each value then gets its own bin.
 
-    A value holding at least one bin's worth of mass (a tie, such as the zeros of a zero-inflated
-    feature) gets a bin of its own, ``[a, nextafter(a))``, and the remaining bins split the rest of
-    the mass equally. So the number of bins can be below `n_bins`, never above.
+    A bin always holds whole values: every copy of a repeated value (an integer feature's 3, the
+    zeros of a zero-inflated feature) lands in one bin, a value holding more than a bin's worth of
+    mass gets a bin of its own, and the rest of the mass is split evenly among the bins left. So
+    there are never more than `n_bins` bins, and none is empty in the sample. Cuts lie half-way
+    between neighbouring values.
 
-    >>> equal_mass_edges(np.array([0.0, 0, 0, 1, 2, 3]), 0.0, 3.0, 2, discrete=None).tolist()
-    [0.0, 5e-324, 3.0]
+    >>> equal_mass_edges(np.array([0.0, 0, 0, 1, 2, 3]), 0.0, 3.0, 2).tolist()
+    [0.0, 0.5, 3.0]
     """
     if discrete is not None:
-        values = np.unique(discrete)
-        mids = (values[:-1] + values[1:]) / 2.0
-        return np.concatenate(([values[0]], mids, [values[-1]]))
+        return _edges(np.unique(discrete), np.arange(1, np.unique(discrete).size), lo, hi)
     if sample.size == 0:
         return np.empty(0)
     values, counts = np.unique(sample, return_counts=True)
-    atoms = values[counts * n_bins >= sample.size]
-    rest = sample[~np.isin(sample, atoms)]
-    atom_cuts = np.concatenate((atoms[atoms > lo], np.nextafter(atoms[atoms < hi], np.inf)))
-    n_rest = max(1, n_bins - atom_cuts.size)  # each atom cut adds one bin
-    rest_cuts = np.quantile(rest, np.arange(1, n_rest) / n_rest) if rest.size else np.empty(0)
-    cuts = np.unique(np.concatenate((rest_cuts, atom_cuts)))
-    cuts = cuts[(cuts > lo) & (cuts <= hi)]
+    return _edges(values, _bin_starts(np.cumsum(counts), n_bins), lo, hi)
+
+
+def _bin_starts(cumulative: NDArray[np.int64], n_bins: int) -> NDArray[np.intp]:
+    """Where each bin after the first starts, as indices into the distinct values.
+
+    Bin by bin: the next bin ends at whichever value boundary comes nearer to an equal share of
+    the mass still to place (never empty), so a heavy value closes the bin before it and then
+    fills one alone. One step per bin, not per value.
+    """
+    k = cumulative.size
+    starts: list[int] = []
+    start, placed = 0, 0
+    for left in range(n_bins, 1, -1):  # bins still to fill, this one included
+        if k - start <= left:  # fewer values than bins: one bin each
+            starts.extend(range(start + 1, k))
+            break
+        target = placed + (int(cumulative[-1]) - placed) / left
+        j = int(np.searchsorted(cumulative, target))  # first value that reaches the target
+        end = j if j == start or cumulative[j] - target <= target - cumulative[j - 1] else j - 1
+        start, placed = end + 1, int(cumulative[end])
+        starts.append(start)
+    return np.asarray(starts, dtype=np.intp)
+
+
+def _edges(values: Float, starts: NDArray[np.intp], lo: float, hi: float) -> Float:
+    """Edges cutting half-way before each bin's first value (at the value itself where the two
+    neighbours are too close for a float between them), closed by `lo` and `hi`."""
+    above, below = values[starts], values[starts - 1]
+    middle = below + (above - below) / 2.0
+    cuts = np.where(middle > below, middle, above)
     return np.concatenate(([lo], cuts, [hi]))
 
 
@@ -453,65 +469,3 @@ def _pit_area(cells: NDArray[np.int64], below: int, above: int, quantiles: Float
     gap = np.abs(g[:, left] * (1.0 - weight) + g[:, left + 1] * weight - CDF_LEVELS)
     area = np.sum(np.diff(quantiles) * (gap[:, :-1] + gap[:, 1:]) / 2.0, axis=1)
     return np.asarray(area, dtype=np.float64)
-
-
-# --- noise floors -------------------------------------------------------------------------------
-
-
-def chi2_quantile(df: int, prob: float) -> float:
-    """Chi-square quantile without scipy: exact for df = 1, Wilson-Hilferty above (within 1%
-    of the exact value for df >= 2 at prob = 0.99)."""
-    if df == 1:
-        return NormalDist().inv_cdf((1.0 + prob) / 2.0) ** 2
-    z = NormalDist().inv_cdf(prob)
-    h = 2.0 / (9.0 * df)
-    return float(df * (1.0 - h + z * math.sqrt(h)) ** 3)
-
-
-def psi_floor(n: int, m: int, df: int, alpha: float = 0.01) -> float:
-    """PSI that a window of n rows exceeds with probability alpha when nothing drifted.
-
-    For small differences PSI ~ chi-square / n with df = (bins with reference mass) - 1; the
-    reference, itself a sample of m rows, adds 1/m.
-    """
-    return chi2_quantile(max(df, 1), 1.0 - alpha) * (1.0 / n + 1.0 / m)
-
-
-def js_floor(n: int, m: int, df: int, alpha: float = 0.01) -> float:
-    """JS divergence (bits) under no drift: JS ~ chi-square / (8 n ln 2) for small differences."""
-    return psi_floor(n, m, df, alpha) / (8.0 * math.log(2.0))
-
-
-def linf_floor(n: int, m: int, q: Float, alpha: float = 0.01) -> float:
-    """Largest bin gap under no drift: a normal quantile, Bonferroni over the bins, times the
-    largest per-bin standard deviation sqrt(q (1 - q) (1/n + 1/m))."""
-    bins = max(int(np.count_nonzero(q)), 1)
-    z = NormalDist().inv_cdf(1.0 - alpha / (2.0 * bins))
-    return z * math.sqrt(float(np.max(q * (1.0 - q), initial=0.0)) * (1.0 / n + 1.0 / m))
-
-
-def ks_floor(n: int, m: int, alpha: float = 0.01) -> float:
-    """Two-sample KS critical value c(alpha) sqrt(1/n + 1/m), c(alpha) = sqrt(-ln(alpha/2) / 2)
-    (1.628 at alpha = 0.01)."""
-    return math.sqrt(-math.log(alpha / 2.0) / 2.0) * math.sqrt(1.0 / n + 1.0 / m)
-
-
-def wasserstein_floor(
-    quantiles: Float, n: int, rng: np.random.Generator, draws: int = 200, alpha: float = 0.01
-) -> float:
-    """Wasserstein distance (feature units) that a window of n rows exceeds with probability
-    alpha when nothing drifted, simulated once: `draws` multinomial windows of uniform PIT cells.
-    It shrinks like 1/sqrt(n); scale by sqrt(n * (1/n' + 1/m)) for n' rows against m.
-    `quantiles` as for `wasserstein_from_pit`."""
-    cells = PIT_CELLS
-    counts = rng.multinomial(n, np.full(cells, 1.0 / cells), size=draws)
-    return float(np.quantile(_pit_area(counts, 0, 0, quantiles), 1.0 - alpha))
-
-
-def drift_level(score: float, floor: float, warning: float, critical: float) -> int:
-    """0 ok, 1 warning, 2 critical: a level counts only when the score is also above the floor."""
-    if not score > floor:  # also false for NaN
-        return 0
-    if score > critical:
-        return 2
-    return 1 if score > warning else 0

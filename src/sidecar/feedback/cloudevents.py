@@ -7,9 +7,10 @@ sends (`ce-specversion`, `ce-type`, `ce-source`, `ce-id` = the request id, `ce-t
 JSON Lines. Whatever takes KServe's events over HTTP (a Knative broker, a Kafka bridge) takes these.
 
 One thread sends them, one event per HTTP request, over one keep-alive connection
-(sidecar.feedback.endpoint). The event loop only appends to a bounded queue, so a receiver that is slow or down holds up this thread, never a reply; beyond `sink_queue_size` the
-events are dropped and counted. An event that fails is tried again after a backoff that doubles,
-up to `sink_attempts` tries; the events behind it wait, in order.
+(sidecar.feedback.endpoint). The event loop only appends to a bounded queue, so a receiver that is
+slow or down holds up this thread, never a reply; beyond `sink_queue_size` the events are dropped
+and counted. An event that fails is tried again after a backoff that doubles, up to
+`sink_attempts` tries; the events behind it wait, in order.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ _HEADER_SAFE = "".join(chr(code) for code in range(0x21, 0x7F) if chr(code) not 
 _TRANSIENT = frozenset({408, 425, 429})
 
 
-class _Answer(enum.Enum):
+class _Outcome(enum.Enum):
     SENT = enum.auto()  # a 2xx answer
     AGAIN = enum.auto()  # no answer, a 5xx or a "not now": retry after a backoff
     REFUSED = enum.auto()  # any other answer (400, 404, 413 ...): the same event fails the same
@@ -158,13 +159,13 @@ class PredictionSink:
         return _Event(headers.encode("ascii"), orjson.dumps([row_record(row) for row in rows]))
 
     def _deliver(self, event: _Event) -> None:
-        answer = self._attempt(event)
+        outcome = self._attempt(event)
         for retry in range(1, self._settings.sink_attempts):
-            if answer is not _Answer.AGAIN or not self._pause(self._backoff(retry)):
+            if outcome is not _Outcome.AGAIN or not self._pause(self._backoff(retry)):
                 break
             self._retried.inc()
-            answer = self._attempt(event)
-        if answer is _Answer.SENT:
+            outcome = self._attempt(event)
+        if outcome is _Outcome.SENT:
             self._sent.inc()
         else:
             self._give_up(1)
@@ -180,20 +181,20 @@ class PredictionSink:
         with self._wake:
             return not self._wake.wait_for(lambda: self._stopping, timeout=seconds)
 
-    def _attempt(self, event: _Event) -> _Answer:
+    def _attempt(self, event: _Event) -> _Outcome:
         try:
             status = self._endpoint.post(event.headers, event.body)
         except (OSError, httptools.HttpParserError) as exc:  # refused, timed out, cut, garbled
             self._complaints.warning(
                 "send", "a prediction event was not delivered", url=self._url, error=repr(exc)
             )
-            return _Answer.AGAIN
+            return _Outcome.AGAIN
         if 200 <= status < 300:
-            return _Answer.SENT
+            return _Outcome.SENT
         self._complaints.warning(
             f"status {status}", "the receiver did not take a prediction event", url=self._url
         )
-        return _Answer.AGAIN if status >= 500 or status in _TRANSIENT else _Answer.REFUSED
+        return _Outcome.AGAIN if status >= 500 or status in _TRANSIENT else _Outcome.REFUSED
 
     def _give_up(self, events: int) -> None:
         self._failed.inc(events)

@@ -25,15 +25,21 @@ class Unanswered(ConnectionResetError):
 
 
 class _Answer:
-    """What llhttp has parsed of the answer so far."""
+    """An answer as llhttp parses it, from the bytes given to `parser`."""
 
-    __slots__ = ("complete", "head_complete")
+    __slots__ = ("complete", "head_complete", "keep_alive", "parser", "status")
 
     def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
         self.head_complete = False
         self.complete = False
+        self.status = 0
+        self.keep_alive = False
 
     def on_headers_complete(self) -> None:
+        # Read here: once the message is complete, llhttp has reset them for the next one.
+        self.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()
         self.head_complete = True
 
     def on_message_complete(self) -> None:
@@ -77,7 +83,6 @@ class Endpoint:
     def _exchange(self, request: bytes) -> int:
         sock = self._sock or self._connect()
         answer = _Answer()
-        parser = httptools.HttpResponseParser(answer)
         try:
             try:
                 sock.sendall(request)
@@ -88,7 +93,7 @@ class Endpoint:
                 msg = "the receiver closed the connection without answering"
                 raise Unanswered(msg)
             while True:
-                parser.feed_data(data)
+                answer.parser.feed_data(data)
                 if answer.complete:
                     break
                 data = sock.recv(_READ_SIZE)
@@ -100,9 +105,9 @@ class Endpoint:
         except BaseException:
             self.close()
             raise
-        if not answer.complete or not parser.should_keep_alive():
+        if not answer.complete or not answer.keep_alive:
             self.close()
-        return parser.get_status_code()
+        return answer.status
 
     def _connect(self) -> socket.socket:
         sock = socket.create_connection(self._address, timeout=self._timeout)

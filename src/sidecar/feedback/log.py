@@ -3,9 +3,9 @@ database) and the JSON Lines file.
 
 The event loop only appends to a bounded in-memory queue (`submit`); when the queue holds
 `queue_rows` rows, further predictions are dropped and counted. The thread writes whatever has
-queued in one transaction, runs feedback joins handed to it as jobs, and calls a refresh hook
-every `refresh_seconds`. Turning numpy outputs into rows and features into JSON happens here too,
-off the loop.
+queued in one transaction (of WRITE_SLICE_ROWS rows at most), runs feedback joins handed to it
+as jobs, and calls a refresh hook every `refresh_seconds`. Turning numpy outputs into rows and
+features into JSON happens here too, off the loop.
 
 A store that becomes unreachable (StoreUnavailable: a database down, too slow or full) is
 closed; until it is opened again, rows are dropped and counted, joins fail fast, and the thread
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 MAX_PENDING_JOBS = 16
 RECONNECT_FIRST = 0.5  # seconds before the first attempt to reopen a store that went away
 RECONNECT_MAX = 30.0  # the backoff doubles up to this
+WRITE_SLICE_ROWS = 10_000  # most rows per transaction
 
 T = TypeVar("T")
 Job = Callable[[PredictionStore], Any]
@@ -109,7 +110,7 @@ class PredictionLog:
         self._failed = dropped.labels("prediction_log_error")
         self._written = Counter(
             "sidecar_prediction_log_written_total",
-            "Predicted rows written to the prediction log (SQLite store and/or JSON Lines).",
+            "Predicted rows written to the prediction log (store and/or JSON Lines).",
             registry=registry,
         )
         self._evicted = Counter(
@@ -252,22 +253,32 @@ class PredictionLog:
                 self._jsonl.flush()
             except OSError as exc:
                 self._complaints.warning("jsonl", "writing the JSON Lines failed", error=str(exc))
-        if self._settings.store is not None:
+        if settings.store is None:
+            self._written.inc(len(rows))
+        else:
+            self._store(rows)
+
+    def _store(self, rows: list[LoggedRow]) -> None:
+        """Append the rows in slices of WRITE_SLICE_ROWS, then enforce the bounds. A backlog of
+        up to queue_rows rows thus goes in several transactions, each well within the statement
+        timeout of a shared database."""
+        for start in range(0, len(rows), WRITE_SLICE_ROWS):
             if self.store is None:  # unreachable: said once when it went away
-                self._failed.inc(len(rows))
+                self._failed.inc(len(rows) - start)
                 return
+            part = rows[start : start + WRITE_SLICE_ROWS]
             try:
-                self.store.append(rows)
+                self.store.append(part)
             except Exception as exc:  # a full disk or a lost database must not stop the thread
-                self._failed.inc(len(rows))
+                self._failed.inc(len(rows) - start)
                 self._complaints.warning(
                     "store", "writing the prediction log failed", error=repr(exc)
                 )
                 if isinstance(exc, StoreUnavailable):
                     self._detach(exc)
                 return
-            self._evict()
-        self._written.inc(len(rows))
+            self._written.inc(len(part))
+        self._evict()
 
     def _run_job(self, job: Job, future: concurrent.futures.Future[Any]) -> None:
         if not future.set_running_or_notify_cancel():

@@ -99,18 +99,23 @@ _COPY = (
     "COPY sidecar_predictions (request_id, row, ts, model_name, model_version, predicted, "
     "confidence, value, segment, features, latency_ms) FROM STDIN"
 )
-_EVICT_AGED = (
-    "DELETE FROM sidecar_predictions WHERE id IN "
-    "(SELECT id FROM sidecar_predictions WHERE ts < %s LIMIT %s)"
-)
+# Both deletes run after every batch and usually find nothing, so each is gated by a condition
+# that PostgreSQL answers from one end of an index (min and max) before it plans any scan: a
+# table without statistics yet, or a generic plan, cannot make them read the whole table.
+_EVICT_AGED = """DELETE FROM sidecar_predictions
+WHERE (SELECT min(ts) FROM sidecar_predictions) < %(cutoff)s
+    AND id IN (
+        SELECT id FROM sidecar_predictions WHERE ts < %(cutoff)s ORDER BY ts LIMIT %(limit)s
+    )"""
 # Ids are handed out in insertion order, so the newest max_rows rows are the top of the id range;
 # found through the primary key rather than by counting the table. A batch that failed leaves a
 # gap in the ids, so the table may hold a little less than max_rows, never more.
-_EVICT_OVER = (
-    "DELETE FROM sidecar_predictions WHERE id <= least("
-    "(SELECT max(id) FROM sidecar_predictions) - %s, "
-    "(SELECT min(id) FROM sidecar_predictions) + %s - 1)"
-)
+_EVICT_OVER = """DELETE FROM sidecar_predictions
+WHERE (SELECT max(id) - min(id) + 1 FROM sidecar_predictions) > %(max_rows)s
+    AND id <= least(
+        (SELECT max(id) FROM sidecar_predictions) - %(max_rows)s,
+        (SELECT min(id) FROM sidecar_predictions) + %(limit)s - 1
+    )"""
 _ID_SPAN = "SELECT coalesce(max(id) - min(id) + 1, 0) FROM sidecar_predictions"
 # Every row of the labels' keys, locked in id order until the join commits: a replica labelling
 # the same row at the same time waits, so "duplicate" and the replaced counts stay exact, and
@@ -162,7 +167,9 @@ def connect(url: str) -> Connection:
     # Startup options are applied in order, so a statement_timeout in the URL's options wins.
     params["options"] = f"-c statement_timeout={STATEMENT_TIMEOUT_MS} {params.get('options', '')}"
     with _unavailable_on_failure():
-        return psycopg.connect(autocommit=True, **params)
+        # No server-side prepared statements (psycopg prepares a query run 5 times): they break
+        # behind a pooler in transaction mode, and these few statements plan in microseconds.
+        return psycopg.connect(autocommit=True, prepare_threshold=None, **params)
 
 
 def migrate(connection: Connection) -> None:
@@ -232,8 +239,12 @@ class PostgresStore:
             aged = over = 0
             if _scalar(connection, "SELECT pg_try_advisory_xact_lock(%s)", (EVICTION_LOCK,)):
                 cutoff = now - self.max_age_seconds
-                aged = connection.execute(_EVICT_AGED, (cutoff, EVICT_LIMIT)).rowcount
-                over = connection.execute(_EVICT_OVER, (self.max_rows, EVICT_LIMIT)).rowcount
+                aged = connection.execute(
+                    _EVICT_AGED, {"cutoff": cutoff, "limit": EVICT_LIMIT}
+                ).rowcount
+                over = connection.execute(
+                    _EVICT_OVER, {"max_rows": self.max_rows, "limit": EVICT_LIMIT}
+                ).rowcount
             self.rows = _scalar(connection, _ID_SPAN)
         return {"max_age": aged, "max_rows": over}
 

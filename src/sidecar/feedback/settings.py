@@ -94,4 +94,4 @@ def _is_http_url(url: str) -> bool:
         parts.port  # noqa: B018 (read for its check: a port that is no number, or out of range)
     except ValueError:
         return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+    return url.isascii() and parts.scheme in ("http", "https") and bool(parts.hostname)

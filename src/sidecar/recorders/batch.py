@@ -2,14 +2,13 @@
 
 `Histogram.observe()` walks its buckets and takes a lock for each value; a 10,000-row batch would
 pay that 10,000 times. Here the bucket counts come from `np.searchsorted` + `np.bincount` and each
-non-empty bucket is incremented once. The child's value objects are used directly, so this works
-the same with the in-process and the multiprocess (mmap) value stores.
+non-empty bucket is incremented once, through the child's own value objects.
 
-prometheus_client has no public way to add many observations at once, so this is the one module
-that reaches into its metric objects. It relies on a labelled Histogram child's `_upper_bounds`
-(the bucket bounds, ending with +Inf), `_buckets` (one value per bound, each counting only its own
-bucket; `collect()` accumulates them) and `_sum`, whose values take `inc(amount)`, and the
-buckets' `set_exemplar(exemplar)`.
+prometheus_client has no public way to add many observations at once, so this module reaches
+into its metric objects (the only other one, workers/snapshots.py, reads a gauge's mode). It
+relies on a labelled Histogram child's `_upper_bounds` (the bucket bounds, ending with +Inf),
+`_buckets` (one value per bound, each counting only its own bucket; `collect()` accumulates
+them) and `_sum`, whose values take `inc(amount)`, and the buckets' `set_exemplar(exemplar)`.
 tests/test_prometheus_internals.py checks each of these against the installed prometheus_client;
 pyproject.toml pins the versions it passed with.
 """

@@ -84,7 +84,8 @@ class WorkerLine:
         finally:
             self._writer.close()
             self._gone = True
-            async with self._news:  # free, so taken at once: also when cancelled
+            # An idle lock is taken without waiting: this runs in a cancelled task too.
+            async with self._news:
                 self._news.notify_all()
 
 
@@ -107,7 +108,7 @@ class SupervisorLine:
         if self._writer.is_closing():
             return
         snapshot = snapshot_of(self._registry)
-        self._writer.write(_HEADER.pack(self._asked, len(snapshot)) + snapshot)
+        self._writer.writelines((_HEADER.pack(self._asked, len(snapshot)), snapshot))
 
     async def answer(self) -> None:
         """Answer every request as it comes; return when the supervisor is gone."""
