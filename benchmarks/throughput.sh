@@ -22,7 +22,9 @@ echo "== --workers 1 vs --workers 2, all of them on CPU 1; upstream and wrk on C
 # one core, each worker also sees half the connections and half the rate, and so records in
 # smaller batches: that cost per request is a pessimistic bound for two free cores. The last run,
 # one process with half the connections, is what each of two workers on its own core would see
-# (less the snapshots each hands the supervisor): twice its rate is the optimistic bound.
+# (less the snapshots each hands the supervisor): twice its rate is the optimistic bound. Then two
+# separate one-process sidecars share CPU 1, 16 connections each: what taking turns on one core
+# costs any two processes. --workers 2 against that is what the workers themselves cost.
 start_upstream
 tick_us=$((1000000 / $(getconf CLK_TCK)))
 cpu_ticks() { # pid...: user + system clock ticks of each, space-separated
@@ -52,6 +54,28 @@ for run in "1 ${C:-32}" "2 ${C:-32}" "1 $((${C:-32} / 2))"; do
   rates+=("$rps"); costs+=("$((total * tick_us / requests))")
   kill "$sc"; wait "$sc" 2>/dev/null
 done
-awk -v one="${costs[0]}" -v two="${costs[1]}" -v r1="${rates[0]}" -v half="${rates[2]}" 'BEGIN {
+taskset -c 1 "$SIDECAR" $ARGS & first=$!
+SECOND_ARGS=${ARGS/--port 18005 --metrics-port 18006/--port 18015 --metrics-port 18016}
+taskset -c 1 "$SIDECAR" $SECOND_ARGS & second=$!
+wait_port 18005; wait_port 18015; sleep 2
+for port in 18005 18015; do
+  taskset -c 0 wrk -t1 -c8 -d1s -s "$BENCH/post.lua" \
+    "http://127.0.0.1:$port/v1/models/iris:predict" >/dev/null
+done
+before=($(cpu_ticks $first $second)); loads=()
+for port in 18005 18015; do
+  taskset -c 0 wrk -t1 -c$((${C:-32} / 2)) -d"${DUR:-8s}" -s "$BENCH/post.lua" \
+    "http://127.0.0.1:$port/v1/models/iris:predict" > "$WORK/separate-$port.txt" & loads+=($!)
+done
+wait "${loads[@]}"
+after=($(cpu_ticks $first $second))
+requests=$(awk '/requests in/ {n += $1} END {print n}' "$WORK"/separate-180[01]5.txt)
+separate=$(( (after[0] - before[0] + after[1] - before[1]) * tick_us / requests ))
+echo "two separate processes, connections=$((${C:-32} / 2)) each: cpu_us_per_request=$separate"
+kill "$first" "$second"; wait "$first" "$second" 2>/dev/null
+awk -v one="${costs[0]}" -v two="${costs[1]}" -v r1="${rates[0]}" -v half="${rates[2]}" \
+  -v separate="$separate" 'BEGIN {
   printf "two workers on two free cores, against one: %.2fx (pessimistic, 2 x %d / %d us)" \
-    " to %.2fx (optimistic, 2 x %.0f / %.0f req/s)\n", 2 * one / two, one, two, 2 * half / r1, half, r1 }'
+    " to %.2fx (optimistic, 2 x %.0f / %.0f req/s)\n", 2 * one / two, one, two, 2 * half / r1, half, r1
+  printf "CPU per request, --workers 2 against one process: %.2fx; against two separate processes" \
+    " on one core: %.2fx\n", two / one, two / separate }'

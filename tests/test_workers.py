@@ -491,15 +491,3 @@ def test_bad_worker_settings_exit_2_before_serving(
 ) -> None:
     assert main(["serve", "--upstream", "http://127.0.0.1:9", *flags]) == 2
     assert message in capsys.readouterr().err
-
-
-def test_workers_and_a_prediction_store_exclude_each_other(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    path = tmp_path / "s.yaml"
-    path.write_text("upstream: http://127.0.0.1:9\nworkers: 2\nfeedback: {store: p.db}\n")
-    assert main(["check-config", str(path)]) == 2
-    error = capsys.readouterr().err
-    assert "key `workers` has value 2" in error
-    assert "feedback.store (p.db)" in error
-    assert "set workers to 1 or remove feedback.store" in error

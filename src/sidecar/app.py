@@ -134,7 +134,9 @@ class Sidecar:
             health=self._probe or self._health,
         )
         profile = load_profile(config.drift.profile) if config.drift.profile else None
-        pipeline = self._pipeline = Pipeline(config, build_routes(config), self.registry, profile)
+        pipeline = self._pipeline = Pipeline(
+            config, build_routes(config), self.registry, profile, feedback_joins=self._admin
+        )
         handler = ProxyHandler(
             pool,
             pipeline,

@@ -173,13 +173,6 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
                 "get a port of its own; set port"
             )
             raise ValueError(msg)
-        if self.workers > 1 and self.feedback.store is not None:
-            # Each worker would hold its own store and /feedback (on the supervisor) none.
-            msg = (
-                f"workers is {self.workers}, but feedback.store ({self.feedback.store}) is a "
-                "prediction log of one process: set workers to 1 or remove feedback.store"
-            )
-            raise ValueError(msg)
 
     @property
     def admin_host(self) -> str:

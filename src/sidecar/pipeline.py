@@ -80,6 +80,8 @@ class Pipeline:
         routes: RouteTable,
         registry: CollectorRegistry,
         profile: Profile | None = None,
+        *,
+        feedback_joins: bool = True,  # False in a worker of --workers: see FeedbackRecorder
     ) -> None:
         self._config = config
         self._routes = routes
@@ -107,22 +109,14 @@ class Pipeline:
         self._tickets: dict[tuple[Route, tuple[str, str]], Ticket] = {}  # Tickets are immutable
         self._by_path: dict[tuple[str, str], Ticket] = {}  # begin()'s memory, see _ticket()
         self._by_call: dict[tuple[str, str | None, str | None], Ticket] = {}  # begin_call()'s
-        self._dropped = Counter(
-            "sidecar_dropped_observations_total",
-            "Exchanges whose payloads were not parsed: queue_full (recording fell behind), "
-            "large_body_queue_full (large payloads waiting over large_body_queue_bytes) or "
-            "body_too_large (over max_body_bytes; the request itself passed through). Rows not "
-            "logged: prediction_log_full (the writer fell behind), prediction_log_error. "
-            "Prediction events not sent: prediction_sink_full (the CloudEvents sink fell "
-            "behind), prediction_sink_error (given up after its attempts).",
-            ["reason"],
-            registry=registry,
-        )
+        self._dropped = dropped_counter(registry)
         self._profile = profile
         self._drift = DriftByModel()
         registry.register(self._drift)
         self._drift_for((config.model_name, config.model_version))  # its series exist from start
-        self.feedback = FeedbackRecorder(registry, config, dropped=self._dropped, overflow=overflow)
+        self.feedback = FeedbackRecorder(
+            registry, config, dropped=self._dropped, overflow=overflow, joins=feedback_joins
+        )
         # Exchanges ended since the last drain, and whether their payloads are to be read; the
         # requests begun since then, per ticket.
         self._pending: list[tuple[Ticket, Exchange, bool]] = []
@@ -455,6 +449,21 @@ class Pipeline:
             self._model_names.fold(name) if name else self._config.model_name,
             self._model_versions.fold(version) if version else self._config.model_version,
         )
+
+
+def dropped_counter(registry: CollectorRegistry) -> Counter:
+    """`sidecar_dropped_observations_total`, by reason."""
+    return Counter(
+        "sidecar_dropped_observations_total",
+        "Exchanges whose payloads were not parsed: queue_full (recording fell behind), "
+        "large_body_queue_full (large payloads waiting over large_body_queue_bytes) or "
+        "body_too_large (over max_body_bytes; the request itself passed through). Rows not "
+        "logged: prediction_log_full (the writer fell behind), prediction_log_error. "
+        "Prediction events not sent: prediction_sink_full (the CloudEvents sink fell "
+        "behind), prediction_sink_error (given up after its attempts).",
+        ["reason"],
+        registry=registry,
+    )
 
 
 def _value_edges(profile: Profile | None) -> list[float]:

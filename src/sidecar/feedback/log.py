@@ -119,13 +119,12 @@ class PredictionLog:
             ["reason"],
             registry=registry,
         )
-        shared = settings.store is not None and is_postgres_url(settings.store)
         self._rows = Gauge(
             "sidecar_prediction_log_rows",
             "Rows held in the prediction log store (on PostgreSQL: the fleet's shared table).",
-            # --workers: a SQLite store per process, the pod holds them all; every worker sees
-            # the same shared PostgreSQL table.
-            multiprocess_mode="livemax" if shared else "livesum",
+            # --workers: every process writes the same store (the pod's SQLite file, or the
+            # fleet's table), so each sees the same count.
+            multiprocess_mode="livemax",
             registry=registry,
         )
         for reason in ("max_rows", "max_age"):

@@ -139,8 +139,12 @@ class FeedbackRecorder:
         *,
         dropped: Counter,
         overflow: OverflowCounter,
+        joins: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`joins`: this process takes labels (POST /feedback) and computes the windowed gauges
+        from the store. A worker of --workers does neither: it only writes its rows into the
+        store the supervisor joins against (sidecar.workers.supervisor)."""
         settings = config.feedback
         self.token = settings.token
         self._settings = settings
@@ -153,11 +157,15 @@ class FeedbackRecorder:
         self._cbpe: dict[tuple[str, str], tuple[Counter, Counter]] = {}
         self._default_model = (config.model_name, config.model_version)
         self._register(registry)
-        self._gauges = WindowGauges(
-            registry,
-            settings,
-            fold_class=self._fold_class,
-            fold_segment=self._fold_segment if settings.segment else None,
+        self._gauges = (
+            WindowGauges(
+                registry,
+                settings,
+                fold_class=self._fold_class,
+                fold_segment=self._fold_segment if settings.segment else None,
+            )
+            if joins
+            else None
         )
         self._log: PredictionLog | None = None
         self._broken = False
@@ -167,7 +175,7 @@ class FeedbackRecorder:
                 registry=registry,
                 dropped=dropped,
                 up=self._up,
-                refresh=self._refresh,
+                refresh=self._refresh if joins else None,
                 clock=clock,
             )
         self._sink: PredictionSink | None = None  # works with or without the log
@@ -423,7 +431,8 @@ class FeedbackRecorder:
                 family.labels(*model, segment, stat).inc(amount)
 
     def _refresh(self, store: PredictionStore, now: float) -> None:
-        self._gauges.refresh(store, now)
+        if self._gauges is not None:
+            self._gauges.refresh(store, now)
 
     def _fold_class(self, model: tuple[str, str], name: str) -> str:
         cap = self._class_caps.get(model)

@@ -200,10 +200,18 @@ def _newer(held: TraceLink | None, link: TraceLink | None) -> TraceLink | None:
 class SnapshotMerge(Collector):
     """The supervisor's view of its workers: the latest snapshot of each running worker (`put`),
     the counters and histograms of those that have exited (`retire`), and its own local
-    collectors (`own`: its process figures, which belong to the pod's total like the workers')."""
+    collectors (`own`: its process figures, which belong to the pod's total like the workers',
+    and what it counts itself, such as labels posted to it; a SnapshotRegistry among them says
+    how its gauges merge, as a worker's does)."""
 
     def __init__(self, own: Sequence[Collector] = ()) -> None:
         self._own = own
+        self._own_policies = {
+            name: policy
+            for collector in own
+            if isinstance(collector, SnapshotRegistry)
+            for name, policy in collector.policies.items()
+        }
         self._live: dict[int, list[Family]] = {}  # by worker pid
         self._retired: list[Family] = []
         self._complaints = RateLimitedLog(log)
@@ -223,7 +231,8 @@ class SnapshotMerge(Collector):
         self._retired = merge([self._retired, cumulative(self._live.pop(worker, []))])
 
     def collect(self) -> Iterable[Metric]:
-        merged = merge([self._retired, families_of(self._own), *self._live.values()])
+        own = families_of(self._own, self._own_policies)
+        merged = merge([self._retired, own, *self._live.values()])
         return [_metric(family) for family in merged]
 
 

@@ -39,10 +39,13 @@ from sidecar.admin import AdminServer, make_admin_app
 from sidecar.app import Sidecar, keep_running, make_probe, url_of, watch_config
 from sidecar.children import die_with_parent
 from sidecar.config import Config, ConfigError
+from sidecar.feedback.recorder import FeedbackRecorder
 from sidecar.files import write_atomically
 from sidecar.logs import RateLimitedLog
 from sidecar.memory import freeze_startup
+from sidecar.pipeline import dropped_counter
 from sidecar.readiness import UpstreamProbe
+from sidecar.recorders.labels import OverflowCounter
 from sidecar.upstream_metrics import upstream_metrics_of
 from sidecar.workers import channel, snapshots
 from sidecar.workers.health import HEALTH_SOCKET, HealthInbox, HealthRelay
@@ -84,8 +87,11 @@ class Supervisor:
         self._watch = watch
         self._directory = Path(tempfile.mkdtemp(prefix="sidecar-workers-"))
         self.registry = CollectorRegistry()
+        # Labels posted to the admin port are joined here, against the store the workers write.
+        labels_registry = snapshots.SnapshotRegistry()
+        self._feedback = label_joiner(config, labels_registry)
         self._merge = snapshots.SnapshotMerge(
-            own=[ProcessCollector(registry=None), PlatformCollector(registry=None)]
+            own=[ProcessCollector(registry=None), PlatformCollector(registry=None), labels_registry]
         )
         self.registry.register(self._merge)
         self._restarts = Counter(
@@ -142,8 +148,13 @@ class Supervisor:
         await self._probe.start()
         # The model server's metrics are fetched here, once per scrape, not by each worker.
         upstream_metrics = upstream_metrics_of(self.config)
+        await self._feedback.open()
         admin = make_admin_app(
-            self.registry, self._readiness, upstream_metrics=upstream_metrics, refresh=self._refresh
+            self.registry,
+            self._readiness,
+            feedback=self._feedback,
+            upstream_metrics=upstream_metrics,
+            refresh=self._refresh,
         )
         self._admin = AdminServer(admin)
         await self._admin.start(self.config.admin_host, self.config.metrics_port)
@@ -295,12 +306,28 @@ class Supervisor:
                 await asyncio.wait(late)
         if self._admin is not None:
             await self._admin.stop()
+        await self._feedback.close()
         if self._inbox is not None:
             self._inbox.close()
         if self._probe is not None:
             await self._probe.stop()
         shutil.rmtree(self._directory, ignore_errors=True)
         log.info("stopped")
+
+
+def label_joiner(config: Config, registry: CollectorRegistry) -> FeedbackRecorder:
+    """The supervisor's feedback recorder: it takes labels on POST /feedback, joins them
+    against the store every worker writes its rows into (one SQLite file in WAL mode, which
+    SQLite shares between the processes of one host, or one PostgreSQL table), counts them, and
+    computes the windowed gauges. It writes no rows, so it opens neither the JSON Lines copy
+    nor the sink: each worker has its own."""
+    settings = msgspec.structs.replace(config.feedback, jsonl=None, sink_url=None)
+    return FeedbackRecorder(
+        registry,
+        msgspec.structs.replace(config, feedback=settings),
+        dropped=dropped_counter(registry),
+        overflow=OverflowCounter(registry),
+    )
 
 
 def _signal(worker: _Worker, signum: signal.Signals) -> None:
