@@ -57,19 +57,21 @@ done
 taskset -c 1 "$SIDECAR" $ARGS & first=$!
 SECOND_ARGS=${ARGS/--port 18005 --metrics-port 18006/--port 18015 --metrics-port 18016}
 taskset -c 1 "$SIDECAR" $SECOND_ARGS & second=$!
+pids+=("$first" "$second")  # cleanup() stops them if this block fails
 wait_port 18005; wait_port 18015; sleep 2
 for port in 18005 18015; do
   taskset -c 0 wrk -t1 -c8 -d1s -s "$BENCH/post.lua" \
     "http://127.0.0.1:$port/v1/models/iris:predict" >/dev/null
 done
-before=($(cpu_ticks $first $second)); loads=()
+before=($(cpu_ticks $first $second)); loads=(); reports=()
 for port in 18005 18015; do
+  reports+=("$WORK/separate-$port.txt")
   taskset -c 0 wrk -t1 -c$((${C:-32} / 2)) -d"${DUR:-8s}" -s "$BENCH/post.lua" \
-    "http://127.0.0.1:$port/v1/models/iris:predict" > "$WORK/separate-$port.txt" & loads+=($!)
+    "http://127.0.0.1:$port/v1/models/iris:predict" > "${reports[-1]}" & loads+=($!)
 done
 wait "${loads[@]}"
 after=($(cpu_ticks $first $second))
-requests=$(awk '/requests in/ {n += $1} END {print n}' "$WORK"/separate-180[01]5.txt)
+requests=$(awk '/requests in/ {n += $1} END {print n}' "${reports[@]}")
 separate=$(( (after[0] - before[0] + after[1] - before[1]) * tick_us / requests ))
 echo "two separate processes, connections=$((${C:-32} / 2)) each: cpu_us_per_request=$separate"
 kill "$first" "$second"; wait "$first" "$second" 2>/dev/null

@@ -11,8 +11,8 @@ gauges of custom collectors from `GAUGE_MERGE`. When a worker exits, the counter
 histograms of its last snapshot are folded into a retired total, so that no counter goes down
 across restarts; its gauges go, whatever their mode.
 
-A Gauge's mode is prometheus_client's private `_multiprocess_mode`: tests/test_prometheus_
-internals.py checks it against the installed version.
+A Gauge's mode is prometheus_client's private `_multiprocess_mode`, which
+tests/test_prometheus_internals.py checks against the installed version.
 """
 
 from __future__ import annotations
@@ -97,17 +97,19 @@ class SnapshotRegistry(CollectorRegistry):
         self.policies: dict[str, Policy] = {}
 
     def register(self, collector: Collector) -> None:
+        if not isinstance(collector, Gauge):
+            super().register(collector)
+            return
+        mode = collector._multiprocess_mode
+        policy = MODE_POLICY.get(mode)
+        if policy is None:  # a mistake in a gauge's declaration: say so at start-up
+            msg = (
+                f"multiprocess_mode {mode!r} of a gauge cannot be merged across workers; "
+                f"use one of {', '.join(MODE_POLICY)}"
+            )
+            raise ValueError(msg)
         super().register(collector)
-        if isinstance(collector, Gauge):
-            mode = collector._multiprocess_mode
-            policy = MODE_POLICY.get(mode)
-            if policy is None:  # a mistake in a gauge's declaration: say so at start-up
-                msg = (
-                    f"multiprocess_mode {mode!r} of a gauge cannot be merged across workers; "
-                    f"use one of {', '.join(MODE_POLICY)}"
-                )
-                raise ValueError(msg)
-            self.policies.update((family.name, policy) for family in collector.describe())
+        self.policies.update((family.name, policy) for family in collector.describe())
 
 
 def snapshot_of(registry: SnapshotRegistry) -> bytes:
