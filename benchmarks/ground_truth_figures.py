@@ -257,7 +257,8 @@ def sink_figures() -> None:
         f"sink: {EVENTS:,} events (one iris row each, features included) to an aiohttp receiver "
         f"on the same machine (receiver on CPU 0, sink on CPU 1): {EVENTS / seconds:,.0f} "
         f"events/s; {cpu / EVENTS * 1e6:.0f} us of CPU per event in the sink's thread; "
-        f"an event {len(event.body)} bytes of body and {len(event.headers)} of ce- headers; "
+        f"an event {len(event.body)} bytes of body and {len(event.headers)} of headers "
+        f"(ce-*, Content-Type); "
         f"retried {counted(registry, 'retried'):.0f}, dropped {counted(registry, 'dropped'):.0f}"
     )
 

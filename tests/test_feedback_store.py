@@ -5,9 +5,11 @@ the classification arithmetic."""
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,7 +18,15 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from sidecar.extract.types import FeatureTable, Outputs
-from sidecar.feedback.log import PendingPrediction, PredictionLog, expand, open_store
+from sidecar.feedback import log as log_module
+from sidecar.feedback.log import (
+    PendingPrediction,
+    PredictionBatch,
+    PredictionLog,
+    expand,
+    expand_batch,
+    open_store,
+)
 from sidecar.feedback.recorder import class_label, value_label
 from sidecar.feedback.settings import FeedbackSettings
 from sidecar.feedback.sqlite import SQLiteStore
@@ -141,6 +151,10 @@ def log_metrics() -> tuple[CollectorRegistry, Counter, Gauge]:
     return registry, dropped, Gauge("up", "u", registry=registry)
 
 
+def one_exchange(request_id: str, outputs: Outputs, rows: int, ts: float = 0.0) -> PredictionBatch:
+    return PredictionBatch(ts, ("m", "1"), outputs, None, [request_id], [1.0], [0], [rows])
+
+
 def test_full_queue_drops_and_counts_rows() -> None:
     """The writer's queue holds queue_rows rows; a prediction that does not fit is dropped and
     its rows counted as prediction_log_full."""
@@ -148,8 +162,49 @@ def test_full_queue_drops_and_counts_rows() -> None:
     log = PredictionLog(FeedbackSettings(queue_rows=10), registry=registry, dropped=dropped, up=up)
     outputs = Outputs(classes=np.array(["a"] * 4, dtype=object))
     for index in range(3):  # 4 + 4 fit, the next 4 do not (the thread is not running)
-        log.submit(PendingPrediction(0.0, f"r{index}", ("m", "1"), outputs, None, 1.0, 4))
+        log.submit(one_exchange(f"r{index}", outputs, 4))
     assert registry.get_sample_value("dropped_total", {"reason": "prediction_log_full"}) == 4
+
+
+def test_a_batch_that_does_not_fit_keeps_the_exchanges_that_do() -> None:
+    """Exchanges submitted together are dropped one by one, as if each had come alone: one that
+    does not fit goes, a smaller one after it may still fit."""
+    registry, dropped, up = log_metrics()
+    log = PredictionLog(FeedbackSettings(queue_rows=6), registry=registry, dropped=dropped, up=up)
+    outputs = Outputs(classes=np.array(["a"] * 10, dtype=object))
+    ids, latencies = ["a", "b", "c", "d"], [1.0] * 4
+    log.submit(
+        PredictionBatch(0.0, ("m", "1"), outputs, None, ids, latencies, [0, 4, 7, 9], [4, 3, 2, 1])
+    )
+    # a (4 rows) fits, b (3) does not, c (2) does, d (1) does not.
+    assert registry.get_sample_value("dropped_total", {"reason": "prediction_log_full"}) == 4
+
+
+def test_rows_gather_between_writes_but_a_join_does_not_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a write the writer lets rows gather for WRITE_DELAY; a join queued meanwhile has the
+    rows queued before it written first, at once, and finds them."""
+    monkeypatch.setattr(log_module, "WRITE_DELAY", 3600.0)
+    registry, dropped, up = log_metrics()
+    settings = FeedbackSettings(store=str(tmp_path / "s.db"))
+    log = PredictionLog(settings, registry=registry, dropped=dropped, up=up)
+    log.start()
+    try:
+        outputs = Outputs(classes=np.array(["a"], dtype=object))
+        # After a quiet spell: written at once (and now, not aged out at once).
+        log.submit(one_exchange("first", outputs, 1, time.time()))
+        deadline = time.monotonic() + 30
+        while registry.get_sample_value("sidecar_prediction_log_written_total") != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        log.submit(one_exchange("second", outputs, 1, time.time()))  # waits for an hour
+        time.sleep(0.2)
+        assert registry.get_sample_value("sidecar_prediction_log_written_total") == 1
+        found = log.run(lambda store: store.find([("first", 0), ("second", 0)]))
+        assert set(found.result(timeout=30)) == {("first", 0), ("second", 0)}
+    finally:
+        log.stop()
 
 
 def test_a_failing_store_counts_its_rows_and_keeps_going(tmp_path: Path) -> None:
@@ -168,10 +223,10 @@ def test_a_failing_store_counts_its_rows_and_keeps_going(tmp_path: Path) -> None
 
     log.store.append = full_disk  # type: ignore[method-assign]
     outputs = Outputs(classes=np.array(["a"] * 3, dtype=object))
-    log.submit(PendingPrediction(0.0, "r1", ("m", "1"), outputs, None, 1.0, 3))
+    log.submit(one_exchange("r1", outputs, 3))
     assert failed.wait(timeout=30)
     log.store.append = append  # type: ignore[method-assign]
-    log.submit(PendingPrediction(0.0, "r2", ("m", "1"), outputs, None, 1.0, 3))
+    log.submit(one_exchange("r2", outputs, 3))
     log.stop()
     assert registry.get_sample_value("dropped_total", {"reason": "prediction_log_error"}) == 3
     assert registry.get_sample_value("sidecar_prediction_log_written_total") == 3
@@ -196,6 +251,44 @@ def test_expand_unpacks_a_batch_into_rows() -> None:
     assert (second.predicted, second.confidence, second.segment) == (None, None, "__missing__")
     assert second.features == '{"x":null,"region":null}'
     assert expand(prediction, features=False, segment=None)[0].features is None
+
+
+def test_a_batch_gives_the_rows_its_exchanges_give_alone() -> None:
+    """expand_batch cuts the arrays for all the exchanges at once, skipping those not logged: the
+    rows are those of each exchange expanded on its own, in order."""
+    rng = np.random.default_rng(3)
+    table = FeatureTable(
+        columns=("x", "region"),
+        numeric=rng.normal(size=(7, 2)),
+        missing=np.zeros((7, 2), dtype=bool),
+        non_numeric=np.zeros((7, 2), dtype=bool),
+    )
+    outputs = Outputs(
+        classes=np.array(list("abcabca"), dtype=object), confidence=rng.uniform(size=7)
+    )
+    # Rows 0-1, 2, 3-5 and 6; the second exchange is not logged (say, not sampled).
+    batch = PredictionBatch(
+        5.0, ("m", "1"), outputs, table, ["p", "r", "s"], [1.0, 2.0, 3.0], [0, 3, 6], [2, 3, 1]
+    )
+    rows = expand_batch(batch, features=True, segment="region")
+    alone = [
+        row
+        for exchange in batch.exchanges()
+        for row in expand(exchange, features=True, segment="region")
+    ]
+    assert rows == alone
+    assert [(row.request_id, row.row, row.predicted) for row in rows] == [
+        ("p", 0, "a"),
+        ("p", 1, "b"),
+        ("r", 0, "a"),
+        ("r", 1, "b"),
+        ("r", 2, "c"),
+        ("s", 0, "a"),
+    ]
+    x = table.numeric[:, 0].tolist()
+    assert [json.loads(row.features or "")["x"] for row in rows] == [
+        x[i] for i in (0, 1, 3, 4, 5, 6)
+    ]
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,13 @@
 """The prediction log's writer: one thread that owns the store (a SQLite file or a PostgreSQL
 database) and the JSON Lines file.
 
-The event loop only appends to a bounded in-memory queue (`submit`); when the queue holds
-`queue_rows` rows, further predictions are dropped and counted. The thread writes whatever has
-queued in one transaction (of WRITE_SLICE_ROWS rows at most), runs feedback joins handed to it
-as jobs, and calls a refresh hook every `refresh_seconds`. Turning numpy outputs into rows and
-features into JSON happens here too, off the loop.
+The event loop only appends to a bounded in-memory queue (`submit`), one PredictionBatch per
+drain of its exchanges rather than one entry per request; when the queue holds `queue_rows` rows,
+further predictions are dropped and counted. The thread writes whatever has queued in one
+transaction (of WRITE_SLICE_ROWS rows at most), at most once every WRITE_DELAY seconds, runs
+feedback joins handed to it as jobs, and calls a refresh hook every `refresh_seconds`. Turning
+numpy outputs into rows and features into JSON happens here too, off the loop, a column at a time
+for a whole batch (`expand_batch`): per row, only what cannot be shared is done.
 
 A store that becomes unreachable (StoreUnavailable: a database down, too slow or full) is
 closed; until it is opened again, rows are dropped and counted, joins fail fast, and the thread
@@ -16,15 +18,17 @@ waits for any of it.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import math
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import chain, repeat
 from typing import IO, Any, TypeVar
 
 import numpy as np
@@ -44,7 +48,15 @@ from sidecar.feedback.store import (
 )
 from sidecar.logs import RateLimitedLog
 
-__all__ = ["LogBusy", "PendingPrediction", "PredictionLog", "expand", "row_record"]
+__all__ = [
+    "LogBusy",
+    "PendingPrediction",
+    "PredictionBatch",
+    "PredictionLog",
+    "expand",
+    "expand_batch",
+    "row_record",
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +64,11 @@ MAX_PENDING_JOBS = 16
 RECONNECT_FIRST = 0.5  # seconds before the first attempt to reopen a store that went away
 RECONNECT_MAX = 30.0  # the backoff doubles up to this
 WRITE_SLICE_ROWS = 10_000  # most rows per transaction
+# Seconds the writer lets rows gather after a write (unless half the queue is full, a join waits,
+# or the log stops): a transaction, its eviction check and, on PostgreSQL, their round trips are
+# paid some 20 times a second under load rather than at every drain of the event loop. Rows
+# arriving after a quiet spell are written at once.
+WRITE_DELAY = 0.05
 
 T = TypeVar("T")
 Job = Callable[[PredictionStore], Any]
@@ -63,7 +80,8 @@ class LogBusy(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class PendingPrediction:
-    """One exchange's predictions, as the event loop hands them over (arrays not yet unpacked)."""
+    """One exchange's predictions (arrays not yet unpacked), as the sink takes them: one event
+    each (sidecar.feedback.cloudevents)."""
 
     ts: float
     request_id: str
@@ -72,6 +90,55 @@ class PendingPrediction:
     features: FeatureTable | None
     latency_ms: float
     rows: int
+
+
+@dataclass(frozen=True, slots=True)
+class PredictionBatch:
+    """The logged exchanges of one extraction, as the event loop hands them over: the arrays as
+    extracted, not yet unpacked, and each exchange's request id, latency and rows.
+
+    The extraction is one exchange's, or several read as one (sidecar.extract.batch). Exchanges
+    that are not logged (not sampled, no rows, no room in the queue) are simply not listed. Each
+    array of a merged extraction has a value for every row; one exchange's arrays may fall short
+    of its rows (say, fewer outputs than feature rows), and the rows past their end get None.
+    """
+
+    ts: float
+    model: tuple[str, str]
+    outputs: Outputs
+    features: FeatureTable | None
+    request_ids: list[str]
+    latencies_ms: list[float]
+    starts: list[int]  # each exchange's first row in the arrays, in increasing order
+    counts: list[int]  # and how many rows it has (one or more)
+
+    @property
+    def rows(self) -> int:
+        return sum(self.counts)
+
+    def only(self, exchanges: list[int]) -> PredictionBatch:
+        """The batch with only these exchanges (positions in the lists, in order)."""
+        return PredictionBatch(
+            self.ts,
+            self.model,
+            self.outputs,
+            self.features,
+            [self.request_ids[i] for i in exchanges],
+            [self.latencies_ms[i] for i in exchanges],
+            [self.starts[i] for i in exchanges],
+            [self.counts[i] for i in exchanges],
+        )
+
+    def exchanges(self) -> Iterator[PendingPrediction]:
+        """Each exchange on its own, its arrays views of the batch's."""
+        members = zip(self.request_ids, self.latencies_ms, self.starts, self.counts, strict=True)
+        for request_id, latency_ms, start, count in members:
+            stop = start + count
+            features = None if self.features is None else self.features.rows(start, stop)
+            outputs = self.outputs.rows(start, stop)
+            yield PendingPrediction(
+                self.ts, request_id, self.model, outputs, features, latency_ms, count
+            )
 
 
 class PredictionLog:
@@ -93,7 +160,7 @@ class PredictionLog:
         self._clock = clock
         self._up = up
         self._wake = threading.Condition()
-        self._pending: deque[PendingPrediction] = deque()
+        self._pending: deque[PredictionBatch] = deque()
         self._pending_rows = 0
         self._jobs: deque[tuple[Job, concurrent.futures.Future[Any]]] = deque()
         self._stopping = False
@@ -153,16 +220,39 @@ class PredictionLog:
             self._thread.join()
             self._thread = None
 
-    def submit(self, prediction: PendingPrediction) -> None:
-        """Queue rows for writing, or drop and count them when the queue is full. Never blocks on
-        I/O: the lock is only held by the thread to swap the queue out."""
+    def submit(self, batch: PredictionBatch) -> None:
+        """Queue a batch's rows for writing. When the queue is full, each exchange that does not
+        fit is dropped and its rows counted, as if it had come alone. Never blocks on I/O: the
+        lock is only held by the thread to swap the queue out."""
+        queue_rows = self._settings.queue_rows
         with self._wake:
-            if self._stopping or self._pending_rows + prediction.rows > self._settings.queue_rows:
-                self._full.inc(prediction.rows)
-                return
-            self._pending.append(prediction)
-            self._pending_rows += prediction.rows
-            self._wake.notify()
+            rows = batch.rows
+            if self._stopping or self._pending_rows + rows > queue_rows:
+                batch = self._fitting(batch)
+                rows = batch.rows
+                if not rows:
+                    return
+            # An idle thread sleeps until its next chore: wake it so that it counts WRITE_DELAY
+            # from now. One that is gathering rows comes back for them on its own.
+            wake = not self._pending or 2 * (self._pending_rows + rows) >= queue_rows
+            self._pending.append(batch)
+            self._pending_rows += rows
+            if wake:
+                self._wake.notify()
+
+    def _fitting(self, batch: PredictionBatch) -> PredictionBatch:
+        """The exchanges that still fit in the queue, in order; the others dropped and counted."""
+        room = 0 if self._stopping else self._settings.queue_rows - self._pending_rows
+        kept: list[int] = []
+        dropped = 0
+        for position, count in enumerate(batch.counts):
+            if count <= room:
+                kept.append(position)
+                room -= count
+            else:
+                dropped += count
+        self._full.inc(dropped)
+        return batch.only(kept)
 
     def run(self, job: Callable[[PredictionStore], T]) -> concurrent.futures.Future[T]:
         """Run `job(store)` on the writer thread after the rows queued before it are written.
@@ -218,17 +308,17 @@ class PredictionLog:
 
     def _loop(self) -> None:
         next_refresh = time.monotonic()
+        written_at = -math.inf
         while True:
             with self._wake:
-                if not (self._pending or self._jobs or self._stopping):
-                    wake_at = min(next_refresh, self._next_attempt)
-                    self._wake.wait(max(0.0, wake_at - time.monotonic()))
+                self._gather(min(next_refresh, self._next_attempt), written_at + WRITE_DELAY)
                 batch, self._pending, self._pending_rows = self._pending, deque(), 0
                 jobs, self._jobs = self._jobs, deque()
                 done = self._stopping and not batch and not jobs
             if time.monotonic() >= self._next_attempt:
                 self._reopen()
             if batch:
+                written_at = time.monotonic()
                 self._write(batch)
             for job, future in jobs:
                 # Rows queued before the job are written first, so a label can find them.
@@ -239,13 +329,23 @@ class PredictionLog:
                 next_refresh = time.monotonic() + self._settings.refresh_seconds
                 self._maintain()
 
-    def _write(self, batch: deque[PendingPrediction]) -> None:
+    def _gather(self, chore_at: float, write_at: float) -> None:
+        """With the lock held: wait until there is something to do. Queued rows are due at
+        `write_at`, or at once when half the queue is full; joins and stopping are due at once;
+        the refresh and a reconnection at `chore_at`."""
+        half = self._settings.queue_rows / 2
+        while not (self._jobs or self._stopping or self._pending_rows >= half):
+            wake_at = min(chore_at, write_at) if self._pending else chore_at
+            now = time.monotonic()
+            if now >= wake_at:
+                return
+            self._wake.wait(wake_at - now)
+
+    def _write(self, batch: deque[PredictionBatch]) -> None:
         settings = self._settings
-        rows = [
-            row
-            for prediction in batch
-            for row in expand(prediction, features=settings.log_features, segment=settings.segment)
-        ]
+        rows: list[LoggedRow] = []
+        for pending in batch:
+            rows += expand_batch(pending, features=settings.log_features, segment=settings.segment)
         if self._jsonl is not None:
             try:
                 self._jsonl.write(b"".join(map(_jsonl_line, rows)))
@@ -368,43 +468,104 @@ def open_store(settings: FeedbackSettings) -> PredictionStore:
 def expand(
     prediction: PendingPrediction, *, features: bool, segment: str | None
 ) -> list[LoggedRow]:
-    """One LoggedRow per row of a batch: class, confidence, value, segment and features."""
-    n = prediction.rows
-    outputs = prediction.outputs
-    classes = _cells(outputs.classes, n)
-    confidence = _floats(outputs.confidence, n)
-    values = _floats(outputs.value, n)
-    table = prediction.features
-    cells = _feature_json(table, n) if features and table is not None else [None] * n
-    segments: list[str | None] = [None] * n
+    """One LoggedRow per row of one exchange: class, confidence, value, segment and features."""
+    batch = PredictionBatch(
+        prediction.ts,
+        prediction.model,
+        prediction.outputs,
+        prediction.features,
+        [prediction.request_id],
+        [prediction.latency_ms],
+        [0],
+        [prediction.rows],
+    )
+    return expand_batch(batch, features=features, segment=segment)
+
+
+def expand_batch(batch: PredictionBatch, *, features: bool, segment: str | None) -> list[LoggedRow]:
+    """One LoggedRow per row of a batch's exchanges, in order. Built a column at a time: each
+    array is cut and converted to Python values once for the whole batch."""
+    n = batch.rows
+    if not n:
+        return []
+    at = _positions(batch)
+    outputs = batch.outputs
+    classes = [None if cell is None else str(cell) for cell in _cells(outputs.classes, at, n)]
+    confidence = _floats(outputs.confidence, at, n)
+    values = _floats(outputs.value, at, n)
+    table = None if batch.features is None else _table_rows(batch.features, at)
+    cells: Iterable[str | None] = repeat(None)
+    if features and table is not None:
+        cells = _feature_json(table, n)
+    segments: Iterable[str | None] = repeat(None)
     if segment is not None:
-        segments[:] = _segments(table, segment, n)
-    model_name, model_version = prediction.model
-    return [
-        LoggedRow(
-            prediction.request_id,
-            row,
-            prediction.ts,
-            model_name,
-            model_version,
-            None if classes[row] is None else str(classes[row]),
-            confidence[row],
-            values[row],
-            segments[row],
-            cells[row],
-            prediction.latency_ms,
-        )
-        for row in range(n)
-    ]
+        segments = _segments(table, segment, n)
+    request_ids, latencies = batch.request_ids, batch.latencies_ms
+    if len(request_ids) == n:  # one row per exchange: the lists are the columns
+        row_numbers: Iterable[int] = repeat(0)
+    else:
+        counts = batch.counts
+        request_ids = list(chain.from_iterable(map(repeat, request_ids, counts)))
+        latencies = list(chain.from_iterable(map(repeat, latencies, counts)))
+        row_numbers = chain.from_iterable(map(range, counts))
+    model_name, model_version = batch.model
+    columns = zip(
+        request_ids,
+        row_numbers,
+        repeat(batch.ts),
+        repeat(model_name),
+        repeat(model_version),
+        classes,
+        confidence,
+        values,
+        segments,
+        cells,
+        latencies,
+    )
+    return list(map(LoggedRow._make, columns))
 
 
-def _cells(array: NDArray[Any] | None, n: int) -> list[Any]:
-    found = [] if array is None else array.tolist()[:n]
+def _positions(batch: PredictionBatch) -> slice | NDArray[np.intp]:
+    """Where the batch's rows are in its arrays: the first n, in the usual case where every
+    exchange of the extraction is logged."""
+    n = batch.rows
+    if batch.starts[0] == 0 and batch.starts[-1] + batch.counts[-1] == n:
+        return slice(0, n)
+    counts = np.array(batch.counts)
+    firsts = np.cumsum(counts) - counts  # each exchange's first row in the batch
+    return np.repeat(np.array(batch.starts) - firsts, counts) + np.arange(n)
+
+
+def _cells(array: NDArray[Any] | None, at: slice | NDArray[np.intp], n: int) -> list[Any]:
+    found = [] if array is None else array[at].tolist()
     return found + [None] * (n - len(found))
 
 
-def _floats(array: NDArray[np.float64] | None, n: int) -> list[float | None]:
-    return [None if v is None or v != v else v for v in _cells(array, n)]  # v != v: NaN
+def _floats(
+    array: NDArray[np.float64] | None, at: slice | NDArray[np.intp], n: int
+) -> list[float | None]:
+    """The batch's rows of a float array, None where NaN (no number to log) or beyond its end."""
+    if array is None:
+        return [None] * n
+    values: list[float] = array[at].tolist()
+    padding: list[None] = [None] * (n - len(values))
+    total = sum(values)  # one C loop: NaN if any value is NaN (or infinities of both signs are)
+    if total != total:
+        return [None if value != value else value for value in values] + padding
+    return values + padding
+
+
+def _table_rows(table: FeatureTable, at: slice | NDArray[np.intp]) -> FeatureTable:
+    if isinstance(at, slice):
+        # Often the whole table, as with one exchange: then no new views of its arrays.
+        return table if at.stop >= table.n_rows else table.rows(0, at.stop)
+    return FeatureTable(
+        table.columns,
+        table.numeric[at],
+        table.missing[at],
+        table.non_numeric[at],
+        {name: texts[at] for name, texts in table.strings.items()},
+    )
 
 
 def _feature_column(table: FeatureTable, index: int) -> list[Any]:
@@ -419,12 +580,41 @@ def _feature_column(table: FeatureTable, index: int) -> list[Any]:
 
 
 def _feature_json(table: FeatureTable, n: int) -> list[str | None]:
+    """Each row's features as the JSON object orjson.dumps(dict(zip(columns, row))) writes, made
+    a column at a time: one orjson call writes every number of the table, as it writes Python
+    floats (null where NaN or infinite, as JSON must), and the objects are joined from those
+    pieces."""
     names = table.columns
-    columns = [_feature_column(table, index) for index in range(len(names))]
-    rows = zip(*columns, strict=True) if names else iter(())
-    # orjson writes NaN and infinities as null, which is what JSON can say about them.
-    found = [orjson.dumps(dict(zip(names, row, strict=True))).decode() for row in rows]
-    return [*found[:n], *([None] * (n - len(found)))]
+    if not names or not table.n_rows:
+        return [None] * n
+    width = len(names)
+    numeric = np.ascontiguousarray(table.numeric, dtype=np.float64)  # orjson takes no other
+    text = orjson.dumps(numeric, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+    numbers = text[2:-2].replace("],[", ",").split(",")  # [[a,b],[c,d]]: a, b, c, d
+    columns = [numbers[index::width] for index in range(width)]
+    # Columns with a missing or non-numeric cell (never in a merged extraction) go cell by cell.
+    if np.count_nonzero(table.missing) or np.count_nonzero(table.non_numeric):
+        flagged = table.missing.any(axis=0) | table.non_numeric.any(axis=0)
+        for index in np.flatnonzero(flagged).tolist():
+            cells = _feature_column(table, index)
+            columns[index] = [orjson.dumps(cell).decode() for cell in cells]
+    pieces: list[Iterable[str]] = []
+    for key, index in _object_keys(names):
+        pieces += (repeat(key), columns[index])
+    found: list[str | None] = list(map("".join, zip(*pieces, repeat("}"))))
+    return found + [None] * (n - len(found))
+
+
+@functools.lru_cache(maxsize=256)
+def _object_keys(names: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    """What goes before each value of a row's JSON object (`{"name":` or `,"name":`) and which
+    column that value is in. As in a dict, a repeated name keeps its first place and its last
+    value. Cached: a model's requests name the same columns again and again."""
+    last = {name: index for index, name in enumerate(names)}
+    return tuple(
+        (("," if place else "{") + orjson.dumps(name).decode() + ":", index)
+        for place, (name, index) in enumerate(last.items())
+    )
 
 
 def _segments(table: FeatureTable | None, segment: str, n: int) -> list[str]:

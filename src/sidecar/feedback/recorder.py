@@ -34,9 +34,9 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from sidecar.config import Config
-from sidecar.extract.types import Extraction, FeatureTable, Outputs
+from sidecar.extract.types import Extraction, Outputs
 from sidecar.feedback.cloudevents import PredictionSink
-from sidecar.feedback.log import LogBusy, PendingPrediction, PredictionLog
+from sidecar.feedback.log import LogBusy, PredictionBatch, PredictionLog
 from sidecar.feedback.stats import WindowGauges
 from sidecar.feedback.store import (
     MISSING_SEGMENT,
@@ -270,24 +270,43 @@ class FeedbackRecorder:
     ) -> None:
         """`record` for several exchanges read as one (sidecar.extract.batch): `members` gives
         each one's request id, seconds and rows, in the order of the extraction's rows (read
-        only when predictions are logged)."""
+        only when predictions are logged). The sampled ones go to the log as one batch, and to
+        the sink one by one."""
         self._count_expected(model, extraction.outputs)
         if self._log is None and self._sink is None:
             return
+        sample_below = self._sample_below
+        every = sample_below > 0xFFFFFFFF  # sample_rate 1: no hash can be refused
+        request_ids: list[str] = []
+        latencies: list[float] = []
+        starts: list[int] = []
+        counts: list[int] = []
         start = 0
         for request_id, seconds, rows in members:
-            stop = start + rows
-            features = extraction.features
-            if rows:
-                self._submit(
-                    model,
-                    request_id,
-                    extraction.outputs.rows(start, stop),
-                    None if features is None else features.rows(start, stop),
-                    seconds,
-                    rows,
-                )
-            start = stop
+            # Sampled by a hash of the request id, so every replica logs the same requests.
+            if rows and (every or zlib.crc32(request_id.encode()) < sample_below):
+                request_ids.append(request_id)
+                latencies.append(seconds * 1000.0)
+                starts.append(start)
+                counts.append(rows)
+            start += rows
+        if not request_ids:
+            return
+        batch = PredictionBatch(
+            self._clock(),
+            model,
+            extraction.outputs,
+            extraction.features,
+            request_ids,
+            latencies,
+            starts,
+            counts,
+        )
+        if self._log is not None:
+            self._log.submit(batch)
+        if self._sink is not None:
+            for prediction in batch.exchanges():
+                self._sink.submit(prediction)
 
     def _count_expected(self, model: tuple[str, str], outputs: Outputs) -> None:
         if outputs.confidence is not None and outputs.confidence.size:
@@ -296,27 +315,6 @@ class FeedbackRecorder:
                 expected, rows = self._cbpe_children(model)
                 expected.inc(float(finite.sum()))
                 rows.inc(int(finite.size))
-
-    def _submit(
-        self,
-        model: tuple[str, str],
-        request_id: str,
-        outputs: Outputs,
-        features: FeatureTable | None,
-        seconds: float,
-        rows: int,
-    ) -> None:
-        """Hand one exchange's rows to the log's and the sink's threads, if its request id is
-        sampled."""
-        if zlib.crc32(request_id.encode()) >= self._sample_below:
-            return
-        prediction = PendingPrediction(
-            self._clock(), request_id, model, outputs, features, seconds * 1000.0, rows
-        )
-        if self._log is not None:
-            self._log.submit(prediction)
-        if self._sink is not None:
-            self._sink.submit(prediction)
 
     async def apply(self, items: Sequence[FeedbackItem]) -> dict[str, int]:
         """Join labels to logged rows on the log's thread; counts by result."""
