@@ -31,6 +31,7 @@ from sidecar.feedback.store import (
     RowKey,
     StoredRow,
     StoreUnavailable,
+    window_query,
 )
 
 __all__ = ["SCHEMA_VERSION", "PostgresStore", "SchemaTooNew"]
@@ -295,14 +296,9 @@ class PostgresStore:
     def window(
         self, model: tuple[str, str], *, last_rows: int | None = None, since: float | None = None
     ) -> list[Group]:
-        inner = _LABELLED
-        params: list[Any] = list(model)
-        if since is not None:
-            inner += " AND labelled_at >= %s"
-            params.append(since)
-        if last_rows is not None:
-            inner += " ORDER BY labelled_at DESC, id DESC LIMIT %s"
-            params.append(last_rows)
+        query, params = window_query(
+            _LABELLED, _GROUPED, "%s", model, last_rows=last_rows, since=since
+        )
         with _unavailable_on_failure():
-            found = self._connection.execute(_GROUPED.format(inner=inner), params).fetchall()
+            found = self._connection.execute(query, params).fetchall()
         return [Group(*group) for group in found]

@@ -7,9 +7,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
-from typing import Any
 
-from sidecar.feedback.store import Group, LoggedRow, NewLabel, RowKey, StoredRow
+from sidecar.feedback.store import Group, LoggedRow, NewLabel, RowKey, StoredRow, window_query
 
 __all__ = ["SQLiteStore"]
 
@@ -159,13 +158,7 @@ class SQLiteStore:
     def window(
         self, model: tuple[str, str], *, last_rows: int | None = None, since: float | None = None
     ) -> list[Group]:
-        inner = _LABELLED
-        params: list[Any] = list(model)
-        if since is not None:
-            inner += " AND labelled_at >= ?"
-            params.append(since)
-        if last_rows is not None:
-            inner += " ORDER BY labelled_at DESC, id DESC LIMIT ?"
-            params.append(last_rows)
-        query = _GROUPED.format(inner=inner)
+        query, params = window_query(
+            _LABELLED, _GROUPED, "?", model, last_rows=last_rows, since=since
+        )
         return [Group(*found) for found in self._db.execute(query, params).fetchall()]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 __all__ = [
     "MISSING_SEGMENT",
@@ -22,6 +22,7 @@ __all__ = [
     "StoreUnavailable",
     "StoredRow",
     "is_postgres_url",
+    "window_query",
 ]
 
 MISSING_SEGMENT = "__missing__"  # the segment of a row without the segment feature
@@ -136,3 +137,26 @@ class PredictionStore(Protocol):
         """Labelled rows of a model grouped by (label, predicted, segment): the `last_rows` most
         recently labelled, or those labelled at or after `since`."""
         ...
+
+
+def window_query(
+    labelled: str,
+    grouped: str,
+    mark: str,
+    model: tuple[str, str],
+    *,
+    last_rows: int | None,
+    since: float | None,
+) -> tuple[str, list[Any]]:
+    """The query of a window's groups, and its parameters: `labelled` selects one model's
+    labelled rows, `grouped` groups what its `{inner}` selects, `mark` is the driver's
+    parameter placeholder (SQLite's ?, psycopg's %s)."""
+    inner = labelled
+    params: list[Any] = list(model)
+    if since is not None:
+        inner += f" AND labelled_at >= {mark}"
+        params.append(since)
+    if last_rows is not None:
+        inner += f" ORDER BY labelled_at DESC, id DESC LIMIT {mark}"
+        params.append(last_rows)
+    return grouped.format(inner=inner), params
