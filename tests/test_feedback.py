@@ -57,7 +57,8 @@ def test_reference_matches_a_hand_worked_example() -> None:
 # --- fixtures and helpers ------------------------------------------------------------------------
 
 
-def iris_settings(store: Path, **settings: Any) -> dict[str, Any]:
+def iris_settings(store: Path | str, **settings: Any) -> dict[str, Any]:
+    """A sidecar of the toy iris model logging to `store` (a SQLite path or PostgreSQL URL)."""
     settings.setdefault("refresh_seconds", 0.05)
     settings.setdefault("window_rows", (20_000,))
     return {

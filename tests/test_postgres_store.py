@@ -22,30 +22,18 @@ import pytest
 
 from sidecar.app import Sidecar
 from sidecar.demo.model import CLASSES
-from sidecar.extract.spec import MappingSpec
 from sidecar.feedback.postgres import SCHEMA_VERSION, PostgresStore, SchemaTooNew
-from sidecar.feedback.settings import FeedbackSettings
 from tests.conftest import StartSidecar, assert_sample, scrape, scrape_until
 from tests.postgres import PostgresCluster
 from tests.test_feedback import (
     assert_matches_reference,
     iris_rows,
+    iris_settings,
     logged,
     post_feedback,
     predict,
     value,
 )
-
-
-def fleet_settings(url: str, **feedback: Any) -> dict[str, Any]:
-    feedback.setdefault("refresh_seconds", 0.05)
-    feedback.setdefault("window_rows", (20_000,))
-    return {
-        "preset": "kserve-v1",
-        "model_name": "iris",
-        "mapping": MappingSpec(class_names=CLASSES),
-        "feedback": FeedbackSettings(store=url, **feedback),
-    }
 
 
 def labels_for(predictions: list[tuple[str, int, str]], truth: list[int]) -> list[dict[str, Any]]:
@@ -115,8 +103,8 @@ async def test_labels_posted_to_the_other_replica_all_match(
     """Two sidecars in front of a real model share one database. Each takes the labels for the
     other's predictions: every label matches, both report the fleet's exact accuracy (the same
     figure), and the label counters count where the labels were applied."""
-    first = await start_sidecar(toy_model, **fleet_settings(postgres_url))
-    second = await start_sidecar(toy_model, **fleet_settings(postgres_url))
+    first = await start_sidecar(toy_model, **iris_settings(postgres_url))
+    second = await start_sidecar(toy_model, **iris_settings(postgres_url))
     rows, truth = iris_rows(3_000, seed=11)
     by_first = await predict(first, rows[:1_500], batch=10, prefix="a")
     by_second = await predict(second, rows[1_500:], batch=10, prefix="b")
@@ -155,8 +143,8 @@ async def test_the_same_labels_on_two_replicas_at_once_count_once(
     """The same 2,000 labels posted to both replicas at the same time: each row is matched once
     and found labelled once (a join locks its rows), so the fleet's counters hold each label once
     as labelled and once as replaced."""
-    first = await start_sidecar(toy_model, **fleet_settings(postgres_url))
-    second = await start_sidecar(toy_model, **fleet_settings(postgres_url))
+    first = await start_sidecar(toy_model, **iris_settings(postgres_url))
+    second = await start_sidecar(toy_model, **iris_settings(postgres_url))
     rows, truth = iris_rows(2_000, seed=12)
     predictions = await predict(first, rows, batch=20)
     await logged(first, 2_000)
@@ -182,7 +170,7 @@ async def test_labels_for_one_row_in_one_call_apply_in_order(
     store = (
         str(tmp_path / "log.db") if kind == "sqlite" else request.getfixturevalue("postgres_url")
     )
-    sidecar = await start_sidecar(toy_model, **fleet_settings(store))
+    sidecar = await start_sidecar(toy_model, **iris_settings(store))
     [(request_id, row, predicted)] = await predict(sidecar, [[5.0, 3.4, 1.5, 0.2]], batch=1)
     await logged(sidecar, 1)
     other = next(name for name in CLASSES if name != predicted)
@@ -253,7 +241,7 @@ async def test_database_restarted_under_load(
     request is answered 200; the lost rows are counted; /feedback answers 503 saying why and
     sidecar_prediction_log_up is 0 meanwhile; then the writer reconnects, the gauge is 1 again,
     and rows are written and labelled again."""
-    sidecar = await start_sidecar(toy_model, **fleet_settings(postgres_url, queue_rows=200))
+    sidecar = await start_sidecar(toy_model, **iris_settings(postgres_url, queue_rows=200))
     async with Load(sidecar) as load:
         await until(sidecar, "sidecar_prediction_log_written_total", lambda v: v >= 50)
         await asyncio.to_thread(postgres_cluster.stop, "immediate")
@@ -286,7 +274,7 @@ async def test_a_slow_database_cannot_hold_the_writer(
     timeout (200 ms here, from the URL) frees the writer, rows are dropped and counted rather
     than queued behind it, /feedback answers 503; once the lock goes, rows are written again."""
     url = f"{postgres_url}?options=-c%20statement_timeout%3D200"
-    sidecar = await start_sidecar(toy_model, **fleet_settings(url))
+    sidecar = await start_sidecar(toy_model, **iris_settings(url))
     await predict(sidecar, [[5.0, 3.4, 1.5, 0.2]], batch=1, prefix="before")
     await logged(sidecar, 1)
     with psycopg.connect(postgres_url) as blocker:
@@ -314,7 +302,7 @@ async def test_an_unreachable_database_at_start_leaves_the_proxy_serving(
     and sidecar_prediction_log_up is 0 while the writer keeps trying."""
     port = refusing_url.rsplit(":", 1)[1]
     sidecar = await start_sidecar(
-        toy_model, **fleet_settings(f"postgresql://sidecar@127.0.0.1:{port}/none")
+        toy_model, **iris_settings(f"postgresql://sidecar@127.0.0.1:{port}/none")
     )
     assert len(await predict(sidecar, [[5.0, 3.4, 1.5, 0.2]] * 4, batch=2)) == 4
     status, body = await post_feedback(sidecar, {"request_id": "a", "label": 1})
