@@ -1,17 +1,33 @@
 #!/usr/bin/env bash
-# CPU per request of the sidecar at another git revision against this checkout, interleaved, so
-# that both see the same noise: a change's effect on cost, where requests/s alone move by ±20%
-# from run to run on a shared machine. Each round runs each build for DUR under wrk (-c C) with
-# the kserve-v1 preset (ARGS to change), the sidecar alone on CPU 1, wrk and the canned upstream
-# on CPU 0, and reads the user + system CPU of the sidecar's processes from /proc.
+# CPU per request of several builds of the sidecar, interleaved, so that all see the same noise:
+# a change's effect on cost, where requests/s alone move by ±20% from run to run on a shared
+# machine. A build is a git revision (checked out into a worktree), a directory holding a
+# `sidecar` package (such as a compiled build from scripts/build-compiled), or HEAD for this
+# checkout. Each round runs each build for DUR under wrk (-c C) with the kserve-v1 preset (ARGS
+# to change), the sidecar alone on CPU 1, wrk and the canned upstream on CPU 0, and reads the
+# user + system CPU of the sidecar's processes from /proc. The last build is the baseline the
+# others are divided by.
 #
-#   usage: benchmarks/compare.sh REV              knobs: ROUNDS (default 5), DUR (3s), C (32),
-#                                                        ARGS (extra `sidecar serve` arguments)
+#   usage: benchmarks/compare.sh BUILD... [HEAD]   knobs: ROUNDS (default 5), DUR (3s), C (32),
+#                                                   ARGS (extra `sidecar serve` arguments)
+#   e.g.   benchmarks/compare.sh main~3             (main~3 against this checkout)
+#          benchmarks/compare.sh /tmp/compiled/src HEAD
 . "$(dirname "$0")/common.sh"
 need nginx wrk taskset
-REV=${1:?usage: benchmarks/compare.sh REV (a commit, branch or tag to compare with)}
-OTHER="$WORK/compare-$(git -C "$ROOT" rev-parse --short "$REV")"
-[ -d "$OTHER" ] || git -C "$ROOT" worktree add --detach -f "$OTHER" "$REV" >/dev/null
+[ $# -ge 1 ] || { echo "usage: benchmarks/compare.sh BUILD... [HEAD]" >&2; exit 2; }
+builds=("$@")
+[ $# -eq 1 ] && builds+=(HEAD)
+source_of() { # build: the directory to put on PYTHONPATH
+  if [ "$1" = HEAD ]; then echo "$ROOT/src"
+  elif [ -d "$1/sidecar" ]; then (cd "$1" && pwd)
+  else
+    local tree; tree="$WORK/compare-$(git -C "$ROOT" rev-parse --short "$1")"
+    [ -d "$tree" ] || git -C "$ROOT" worktree add --detach -f "$tree" "$1" >/dev/null
+    echo "$tree/src"
+  fi
+}
+sources=()
+for build in "${builds[@]}"; do sources+=("$(source_of "$build")"); done
 ARGS=${ARGS:---preset kserve-v1 --model-name iris}
 start_upstream
 wait_port 18001
@@ -37,8 +53,7 @@ measure() { # label src: one run; appends "label cpu_us rps" to $WORK/compare.tx
 }
 : > "$WORK/compare.txt"
 for _ in $(seq "${ROUNDS:-5}"); do
-  measure "$REV" "$OTHER/src"
-  measure HEAD "$ROOT/src"
+  for i in "${!builds[@]}"; do measure "${builds[i]}" "${sources[i]}"; done
 done
 "$PY" - "$WORK/compare.txt" <<'PYEOF'
 import statistics, sys
@@ -48,8 +63,9 @@ for line in open(sys.argv[1]):
     runs.setdefault(label, []).append((int(cost), float(rate)))
 for label, found in runs.items():
     costs, rates = [c for c, _ in found], [r for _, r in found]
-    print(f"{label:>12}: CPU per request median {statistics.median(costs):.0f} us "
+    print(f"{label:>20}: CPU per request median {statistics.median(costs):.0f} us "
           f"(min {min(costs)}), requests/s median {statistics.median(rates):,.0f} ({len(found)} runs)")
-(first, a), (second, b) = ((k, statistics.median(c for c, _ in v)) for k, v in runs.items())
-print(f"{second} costs {b / a:.2f}x the CPU per request of {first}")
+*others, (base, base_cost) = ((k, statistics.median(c for c, _ in v)) for k, v in runs.items())
+for label, cost in others:
+    print(f"{label} costs {cost / base_cost:.2f}x the CPU per request of {base}")
 PYEOF

@@ -5,12 +5,14 @@ it gives up mid-upload goes by reference count, not when the cyclic collector ge
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import socket
 import struct
 import threading
 import weakref
+from collections.abc import Iterator
 from typing import Any
 from unittest import mock
 
@@ -21,10 +23,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sidecar import pipeline as pipeline_module
 from sidecar.app import Sidecar
 from sidecar.demo.model import CLASSES
 from sidecar.extract import sliced
 from sidecar.extract.spec import MappingSpec
+from sidecar.memory import young_collections_only
 from sidecar.pipeline import LARGE_BODY_BYTES
 from sidecar.proxy.bodies import BodyBuffer
 from sidecar.proxy.http1 import BodyReader, HttpConnection
@@ -44,21 +48,23 @@ def rows_body(rows: int) -> bytes:
     ).encode()
 
 
-class HeldParse:
-    """sliced.loads, made to wait for `release` once it has a large body: a large exchange's
-    reading is then known to be under way, in its thread, for as long as the test wants."""
+class HeldRead:
+    """The large exchanges' thread, made to wait for `release` as it starts reading one: a large
+    exchange's reading is then known to be under way, in its thread, for as long as the test
+    wants. It holds young_collections_only(), which the pipeline enters first, and which it
+    looks up by name at each read in the plain and the compiled build (setup.py) alike."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.started = threading.Event()
         self.release = threading.Event()
-        self._loads = sliced.loads
-        monkeypatch.setattr(sliced, "loads", self._held)
+        monkeypatch.setattr(pipeline_module, "young_collections_only", self._held)
 
-    def _held(self, body: bytes) -> Any:
-        if len(body) >= LARGE_BODY_BYTES // 2:
-            self.started.set()
-            assert self.release.wait(30)
-        return self._loads(body)
+    @contextlib.contextmanager
+    def _held(self) -> Iterator[None]:
+        self.started.set()
+        assert self.release.wait(30)
+        with young_collections_only():
+            yield
 
     async def under_way(self) -> None:
         assert await asyncio.to_thread(self.started.wait, 30)
@@ -142,7 +148,7 @@ async def test_a_small_request_is_answered_while_a_large_payload_is_read(
 ):
     """The large payload's parsing is held part-way in its thread; meanwhile a one-row request
     is answered and recorded. Released, the large one is recorded too."""
-    held = HeldParse(monkeypatch)
+    held = HeldRead(monkeypatch)
     sidecar = await start_sidecar(toy_model, preset="kserve-v1")
     assert (await predict(sidecar, rows_body(20_000)))[0] == 200
     await held.under_way()
@@ -158,7 +164,7 @@ async def test_large_payloads_beyond_the_queue_are_dropped_and_counted(
 ):
     """With one large exchange being read and large_body_queue_bytes taken, the next is relayed
     and counted as dropped; the one being read is recorded."""
-    held = HeldParse(monkeypatch)
+    held = HeldRead(monkeypatch)
     sidecar = await start_sidecar(toy_model, preset="kserve-v1", large_body_queue_bytes=1)
     assert (await predict(sidecar, rows_body(20_000)))[0] == 200
     await held.under_way()

@@ -450,8 +450,8 @@ def test_compose_mounts_prometheus_alertmanager_and_grafana_config_where_they_re
 def test_dockerfile_builds_a_slim_non_root_image_that_serves_and_checks_healthz() -> None:
     """Slim Python base, non-root USER, the two ports, the health check on the admin port's
     /healthz, and `sidecar serve` as the entrypoint. Built in stages: the first installs
-    requirements.lock, then the sidecar without its dependencies; the image copies only that
-    virtualenv, and nothing installs the profile extra (pyarrow)."""
+    requirements.lock, then the sidecar, compiled, without its dependencies; the image copies
+    only that virtualenv, and nothing installs the profile extra (pyarrow)."""
     steps = dockerfile()
     froms = [i for i, (instruction, _) in enumerate(steps) if instruction == "FROM"]
     assert len(froms) > 1
@@ -466,7 +466,14 @@ def test_dockerfile_builds_a_slim_non_root_image_that_serves_and_checks_healthz(
         "the lock is copied into the build stage"
     )
     assert any(re.search(r"pip install .*-r \S*requirements\.lock", run) for run in runs)
-    assert any(re.search(r"pip install --no-deps \.$", run) for run in runs)
+    assert any(  # the compiled build (setup.py), as a wheel, then the wheel alone
+        re.search(
+            r"SIDECAR_MYPYC=1 \S+pip wheel --no-build-isolation --no-deps -w (\S+) \.\s+"
+            r"&&\s+\S+pip install --no-deps \1/sidecar-\*\.whl$",
+            run,
+        )
+        for run in runs
+    )
     assert [i for i, _ in final].count("RUN") <= 1
     assert "pip" not in values.get("RUN", "")
     assert any(i == "COPY" and a.startswith(f"--from={stage[2]} ") for i, a in final)

@@ -185,6 +185,7 @@ README_COMMANDS: dict[str, tuple[RunBy, ...]] = {
     "./scripts/demo --toy": (RunBy(_DEMO_SHIM, "--toy"), _TOY_DEMO),
     "./scripts/test": (_CI,),
     "./scripts/test -k proxy -x": (_CI,),
+    "COMPILED=0 ./scripts/test": (_CI,),
     "curl -s localhost:9101/metrics | grep -E '^ml_(requests|predictions)_total'": (
         RunBy(
             "test_docs_examples.py::test_readme_metrics_excerpt_is_what_the_demo_setup_serves",
@@ -222,6 +223,8 @@ README_COMMANDS: dict[str, tuple[RunBy, ...]] = {
 NOT_RUN: dict[str, str] = {
     "DUR=6s benchmarks/throughput.sh": "a measurement: wrk and nginx on both cores, pinned",
     "benchmarks/compare.sh REV": "a measurement: another revision's build against this one, loaded",
+    "benchmarks/compare.sh": "a measurement: builds side by side, loaded",
+    "scripts/build-compiled DIR": "a build: scripts/test runs it, and the suite on what it builds",
     "benchmarks/latency.sh": "a measurement: a minute of 1,000 requests/s on both cores",
     "benchmarks/soak.sh": "a measurement: ten minutes of 2,000 requests/s",
 }
@@ -463,9 +466,22 @@ def test_scripts_demo_hands_over_to_sidecar_demo(
 
 
 def test_ci_runs_scripts_test_which_hands_its_options_to_pytest() -> None:
-    """CI's entry point (.ci/run) runs ./scripts/test, which ends in pytest with the options it
-    was given (README.md: `./scripts/test -k proxy -x`)."""
+    """CI's entry point (.ci/run) runs ./scripts/test, which runs pytest with the options it
+    was given (README.md: `./scripts/test -k proxy -x`): on the plain package, then, unless
+    COMPILED=0, on the compiled build that scripts/build-compiled makes."""
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
-    script = (ROOT / "scripts" / "test").read_text(encoding="utf-8").splitlines()
+    script = [
+        line.strip()
+        for line in (ROOT / "scripts" / "test").read_text(encoding="utf-8").splitlines()
+    ]
     assert ci[-1] == "exec ./scripts/test"
-    assert script[-1] == '.venv/bin/pytest "$@"'
+    plain = script.index('.venv/bin/pytest "$@"')
+    compiled = script.index('if [ "${COMPILED:-1}" != 0 ]; then')
+    assert plain < compiled
+    assert script[compiled + 1 : compiled + 6] == [
+        "compiled=$(mktemp -d /tmp/sidecar-compiled.XXXXXX)",
+        """trap 'rm -rf "$compiled"' EXIT""",
+        './scripts/build-compiled "$compiled"',
+        'SIDECAR_EXPECT_COMPILED=1 PYTHONPATH="$compiled/src" .venv/bin/pytest "$@"',
+        "fi",
+    ]

@@ -286,7 +286,9 @@ def _classify(cells: Sequence[Any], numeric: Floats, missing: Flags, bad: Flags)
     return texts
 
 
-def _to_float(number: float) -> float:
+def _to_float(number: int | float) -> float:
+    # int | float, not float: compiled (setup.py), a float parameter would convert at the call,
+    # outside this try.
     try:
         return float(number)
     except OverflowError:  # a JSON integer beyond the range of a double

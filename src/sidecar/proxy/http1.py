@@ -27,6 +27,7 @@ from typing import cast
 from urllib.parse import unquote, urlsplit
 
 import httptools
+from mypy_extensions import mypyc_attr
 
 from sidecar.proxy.bodies import BodyBuffer
 from sidecar.proxy.headers import (
@@ -86,6 +87,7 @@ class _Refused(Exception):
         self.answer = answer
 
 
+@mypyc_attr(native_class=False)  # the compiled build (setup.py): mypyc cannot derive from OSError
 class ClientBodyTimeout(ConnectionError):
     """The client sent no body byte for client_body_timeout seconds: it is answered 408."""
 
@@ -179,6 +181,8 @@ class HttpConnection(asyncio.Protocol):
     """One client connection: llhttp calls the on_* methods as it parses, the handler answers
     through send_head / send_body / end_body."""
 
+    # connection_lost() deletes the parser; the compiled build (setup.py) must be told.
+    __deletable__ = ("_parser",)
     __slots__ = (
         "_body_full",
         "_body_mark",
@@ -775,7 +779,10 @@ class Http1Server:
     def address(self) -> tuple[str, int]:
         """The bound (host, port) of the first listening socket."""
         assert self._server is not None
-        host, port = self._server.sockets[0].getsockname()[:2]
+        # getattr: typeshed says a tuple, which the compiled build (setup.py) would check,
+        # but uvloop's servers hold their sockets in a list.
+        sockets = getattr(self._server, "sockets")  # noqa: B009
+        host, port = sockets[0].getsockname()[:2]
         return str(host), int(port)
 
     async def stop(self, drain_timeout: float) -> None:

@@ -139,6 +139,8 @@ class _HeadFuture:
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection; llhttp calls the on_* methods as it parses."""
 
+    __deletable__ = ("_parser",)  # see HttpConnection
+
     def __init__(self, pool: UpstreamPool, loop: asyncio.AbstractEventLoop) -> None:
         self._pool = pool
         self.loop = loop
