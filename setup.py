@@ -13,13 +13,12 @@ import os
 
 from setuptools import setup
 
-# The modules a JSON request runs through: the HTTP/1 ports and the upstream pool, then the
-# pipeline's recording (decoding, extraction, recorders, drift counting). Both halves paid
-# (README.md, "The compiled build"). Left out: what mypyc cannot compile (msgspec
-# Structs with fields in extract/spec.py, async generators in proxy/server.py, exceptions derived
-# from OSError in proxy/upstream.py), the LLM path (extract/sse.py, presets/openai.py,
-# recorders/llm.py: not measured, and a generation costs its model far more than the sidecar),
-# and everything off the request path.
+# The modules a JSON request runs through: the HTTP/1 ports, the relay and the upstream pool,
+# then the pipeline's recording (decoding, extraction, recorders, drift counting). Each part paid
+# (README.md, "The compiled build"). Left out: what mypyc cannot compile (msgspec Structs with
+# fields in extract/spec.py, exceptions derived from OSError in proxy/upstream.py), the LLM path
+# (extract/sse.py, presets/openai.py, proxy/usage.py, recorders/llm.py: not measured, and a
+# generation costs its model far more than the sidecar), and everything off the request path.
 COMPILED = [
     "src/sidecar/exchange.py",
     "src/sidecar/pipeline.py",
@@ -28,6 +27,7 @@ COMPILED = [
     "src/sidecar/proxy/http1.py",
     "src/sidecar/proxy/outbox.py",
     "src/sidecar/proxy/pool.py",
+    "src/sidecar/proxy/server.py",
     "src/sidecar/extract/__init__.py",
     "src/sidecar/extract/batch.py",
     "src/sidecar/extract/body.py",

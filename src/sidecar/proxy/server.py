@@ -246,19 +246,32 @@ class _Exchange:
         if length is not None and length > limit and record.request_chunks is not None:
             record.request_chunks = None
             record.truncated = True
-        return self._stream(reader)
+        return _Streamed(reader, record, limit)
 
-    async def _stream(self, reader: BodyReader) -> AsyncIterator[bytes]:
-        record, limit = self.record, self._handler.max_body
-        async for chunk in reader:
-            record.request_size += len(chunk)
-            if record.request_chunks is not None:
-                if record.request_size <= limit:
-                    record.request_chunks.append(chunk)
-                else:
-                    record.request_chunks = None
-                    record.truncated = True
-            yield chunk
+
+class _Streamed:
+    """A request body relayed as it arrives, counted, and kept for the record up to `limit`
+    bytes. A class rather than an async generator: the compiled build (setup.py) has none."""
+
+    __slots__ = ("_limit", "_reader", "_record")
+
+    def __init__(self, reader: BodyReader, record: _Record, limit: int) -> None:
+        self._reader, self._record, self._limit = reader, record, limit
+
+    def __aiter__(self) -> _Streamed:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._reader.__anext__()  # StopAsyncIteration at the end, passed on
+        record = self._record
+        record.request_size += len(chunk)
+        if record.request_chunks is not None:
+            if record.request_size <= self._limit:
+                record.request_chunks.append(chunk)
+            else:
+                record.request_chunks = None
+                record.truncated = True
+        return chunk
 
 
 def _send_whole(client: HttpConnection, upstream: UpstreamResponse, record: _Record) -> None:
