@@ -14,14 +14,17 @@ import os
 from setuptools import setup
 
 # The modules a JSON request runs through: the HTTP/1 ports, the relay and the upstream pool,
-# then the pipeline's recording (decoding, extraction, recorders, drift counting). Each part paid
-# (README.md, "The compiled build"). Left out: what mypyc cannot compile (msgspec Structs with
-# fields in extract/spec.py, exceptions derived from OSError in proxy/upstream.py), the LLM path
-# (extract/sse.py, presets/openai.py, proxy/usage.py, recorders/llm.py: not measured, and a
-# generation costs its model far more than the sidecar), and everything off the request path.
+# then the pipeline's recording (routes, decoding, extraction, recorders, drift counting). Each
+# part paid (README.md, "The compiled build"). Left out: msgspec Structs that mypyc cannot
+# compile (msgspec.field defaults, in extract/spec.py) or that msgspec then misreads (the Label
+# alias of feedback/recorder.py's FeedbackItem: /feedback refused every label), exceptions
+# derived from OSError (proxy/upstream.py), the LLM path (extract/sse.py, presets/openai.py,
+# proxy/usage.py, recorders/llm.py: not measured, and a generation costs its model far more than
+# the sidecar), and everything off the request path.
 COMPILED = [
     "src/sidecar/exchange.py",
     "src/sidecar/pipeline.py",
+    "src/sidecar/routes.py",
     "src/sidecar/proxy/bodies.py",
     "src/sidecar/proxy/headers.py",
     "src/sidecar/proxy/http1.py",

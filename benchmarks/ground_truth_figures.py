@@ -8,8 +8,9 @@ Sections:
 
 - `sqlite`: the store's size and speed. ROWS iris rows (default 1,000,000, the default
   `max_rows`), one-row requests as the recorder hands them over (four features, a class name and
-  its confidence, 32-character request ids from the proxy's own generator), are written as the
-  writer thread writes them: sidecar.feedback.log.expand makes the rows (features to JSON), then
+  its confidence, 32-character request ids from the proxy's own generator), handed over by the
+  event loop DRAIN (32) requests a drain, are written as the writer thread writes them:
+  sidecar.feedback.log.expand_batch makes the rows of each drain (features to JSON), then
   SQLiteStore.append (one transaction) and .evict, in batches of BATCH rows (1,000), the process
   on one CPU. Prints bytes per row (the file and its WAL over the rows) and rows per second, for
   the store's part (append + evict) and the writer's whole (expand too); then the same with the
@@ -51,7 +52,7 @@ from sidecar.demo.mlserver import iris_rows
 from sidecar.extract.predictions import ClassNames, read_probabilities
 from sidecar.extract.types import Extraction, FeatureTable
 from sidecar.feedback.cloudevents import PredictionSink
-from sidecar.feedback.log import PendingPrediction, expand
+from sidecar.feedback.log import PredictionBatch, expand_batch
 from sidecar.feedback.recorder import FeedbackRecorder
 from sidecar.feedback.settings import FeedbackSettings
 from sidecar.feedback.sqlite import SQLiteStore
@@ -62,6 +63,7 @@ ROWS = int(os.environ.get("ROWS", "1000000"))
 BATCH = int(os.environ.get("BATCH", "1000"))
 SECONDS = float(os.environ.get("SECONDS", "2"))
 EVENTS = int(os.environ.get("EVENTS", "20000"))
+DRAIN = int(os.environ.get("DRAIN", "32"))
 IRIS = ClassNames(("setosa", "versicolor", "virginica"))
 POSITIONS = ("0", "1", "2", "3")  # a KServe V1 `instances` row's columns, as extracted
 NAMED = ("sepal_length", "sepal_width", "petal_length", "petal_width")
@@ -70,9 +72,10 @@ NAMED = ("sepal_length", "sepal_width", "petal_length", "petal_width")
 # --- iris predictions, as the recorder hands them to the writer and the sink -------------------
 
 
-def iris_batch(rng: random.Random, count: int, columns: tuple[str, ...]) -> list[PendingPrediction]:
-    """`count` one-row requests to the iris model: features with one decimal, the probabilities of
-    a fairly sure classifier, one request id each from the proxy's generator."""
+def iris_batch(rng: random.Random, count: int, columns: tuple[str, ...]) -> list[PredictionBatch]:
+    """`count` one-row requests to the iris model, as the event loop hands them to the writer:
+    one PredictionBatch per drain of DRAIN requests read as one. Features with one decimal, the
+    probabilities of a fairly sure classifier, one request id each from the proxy's generator."""
     features = np.array(iris_rows(rng, count), dtype=np.float64)
     gen = np.random.default_rng(rng.randrange(2**32))
     probabilities = gen.dirichlet([8.0, 1.0, 1.0], size=count)
@@ -80,18 +83,22 @@ def iris_batch(rng: random.Random, count: int, columns: tuple[str, ...]) -> list
     no = np.zeros(features.shape, dtype=bool)
     table = FeatureTable(columns, features, no, no)
     now = time.time()
-    return [
-        PendingPrediction(
-            now,
-            new_request_id(),
-            ("iris", "1"),
-            outputs.rows(i, i + 1),
-            table.rows(i, i + 1),
-            1.5,
-            1,
+    drains = []
+    for start in range(0, count, DRAIN):
+        stop = min(start + DRAIN, count)
+        drains.append(
+            PredictionBatch(
+                now,
+                ("iris", "1"),
+                outputs.rows(start, stop),
+                table.rows(start, stop),
+                [new_request_id() for _ in range(start, stop)],
+                [1.5] * (stop - start),
+                list(range(stop - start)),
+                [1] * (stop - start),
+            )
         )
-        for i in range(count)
-    ]
+    return drains
 
 
 @contextmanager
@@ -125,9 +132,9 @@ class Writer:
         self.expanding = 0.0
         self.storing = 0.0
 
-    def write(self, batch: list[PendingPrediction]) -> None:
+    def write(self, batch: list[PredictionBatch]) -> None:
         began = time.perf_counter()
-        rows = [row for p in batch for row in expand(p, features=True, segment=None)]
+        rows = [row for drain in batch for row in expand_batch(drain, features=True, segment=None)]
         expanded = time.perf_counter()
         self.store.append(rows)
         self.store.evict(time.time())
@@ -238,7 +245,8 @@ def wait_for(done: Callable[[], bool], timeout: float) -> None:
 
 
 def sink_figures() -> None:
-    predictions = iris_batch(random.Random(2), EVENTS, NAMED)
+    drains = iris_batch(random.Random(2), EVENTS, NAMED)
+    predictions = [prediction for drain in drains for prediction in drain.exchanges()]
     with running_receiver() as url, on_cpu(1):
         settings = FeedbackSettings(sink_url=url, sink_queue_size=EVENTS)
         sink, registry = new_sink(url, settings)
