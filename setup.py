@@ -1,11 +1,13 @@
 """The optional compiled build: with SIDECAR_MYPYC=1, mypyc compiles the modules every proxied
 request runs through into C extensions, which import in place of the .py files beside them.
 
-    pip install mypy && SIDECAR_MYPYC=1 pip install --no-build-isolation .
+    pip install 'setuptools>=77' mypy types-PyYAML types-jmespath types-protobuf
+    SIDECAR_MYPYC=1 pip install --no-build-isolation .
 
 Without the variable (the default, and what `pip install .` does) the package is pure Python.
-mypyc type-checks what it compiles, so it needs the runtime dependencies installed: hence
---no-build-isolation. README.md, "The compiled build", has what it saves and how it was
+mypyc type-checks what it compiles, so it needs the runtime dependencies and the stubs it reads
+installed beside it: hence --no-build-isolation (the Dockerfile does the same in its first
+stage, pinned). README.md, "The compiled build", has what it saves and how it was
 measured; scripts/test runs the whole suite against it as well as against the plain build.
 """
 
