@@ -5,13 +5,15 @@
 # `sidecar` package (such as a compiled build from scripts/build-compiled), or HEAD for this
 # checkout. Each round runs each build for DUR under wrk (-c C) with the kserve-v1 preset (ARGS
 # to change), the sidecar alone on CPU 1, wrk and the canned upstream on CPU 0, and reads the
-# user + system CPU of the sidecar's processes from /proc. The last build is the baseline the
-# others are divided by.
+# user + system CPU of the sidecar's processes (a supervisor's workers too) from /proc. A build
+# may be followed, in the same argument, by `sidecar serve` arguments of its own, such as
+# "HEAD --workers 2". The last build is the baseline the others are divided by.
 #
 #   usage: benchmarks/compare.sh BUILD... [HEAD]   knobs: ROUNDS (default 5), DUR (3s), C (32),
 #                                                   ARGS (extra `sidecar serve` arguments)
 #   e.g.   benchmarks/compare.sh main~3             (main~3 against this checkout)
 #          benchmarks/compare.sh /tmp/compiled/src HEAD
+#          benchmarks/compare.sh "HEAD --workers 2" HEAD   (what two workers cost on one core)
 . "$(dirname "$0")/common.sh"
 need nginx wrk taskset
 [ $# -ge 1 ] || { echo "usage: benchmarks/compare.sh BUILD... [HEAD]" >&2; exit 2; }
@@ -26,8 +28,11 @@ source_of() { # build: the directory to put on PYTHONPATH
     echo "$tree/src"
   fi
 }
-sources=()
-for build in "${builds[@]}"; do sources+=("$(source_of "$build")"); done
+sources=(); extras=()
+for build in "${builds[@]}"; do
+  read -r revision extra <<<"$build"
+  sources+=("$(source_of "$revision")"); extras+=("$extra")
+done
 ARGS=${ARGS:---preset kserve-v1 --model-name iris}
 start_upstream
 wait_port 18001
@@ -35,10 +40,11 @@ tick_us=$((1000000 / $(getconf CLK_TCK)))
 cpu_ticks() { # pid...: user + system clock ticks, summed
   cat $(for p in "$@"; do echo "/proc/$p/stat"; done) 2>/dev/null | awk '{t += $14 + $15} END {print t}'
 }
-measure() { # label src: one run; appends "label cpu_us rps" to $WORK/compare.txt
+measure() { # label src extra: one run; appends "label cpu_us rps" to $WORK/compare.txt
   PYTHONPATH="$2" taskset -c 1 "$SIDECAR" serve --upstream http://127.0.0.1:18001 --host 127.0.0.1 \
-    --port "$PORT" --metrics-port "$((PORT + 1))" --log-level warning $ARGS & local sc=$!
-  wait_port "$PORT"; sleep 1
+    --port "$PORT" --metrics-port "$((PORT + 1))" --log-level warning --shutdown-delay 0 $ARGS $3 &
+  local sc=$!  # no load balancer to warn here: it stops at once between runs
+  wait_port "$PORT"; sleep 2  # every worker of a supervisor serving
   local procs; procs="$sc $(pgrep -P "$sc" | tr '\n' ' ')"
   taskset -c 0 wrk -t1 -c8 -d1s -s "$BENCH/post.lua" "http://127.0.0.1:$PORT/v1/models/iris:predict" >/dev/null
   local before after out requests
@@ -47,13 +53,13 @@ measure() { # label src: one run; appends "label cpu_us rps" to $WORK/compare.tx
     "http://127.0.0.1:$PORT/v1/models/iris:predict")
   after=$(cpu_ticks $procs)
   requests=$(echo "$out" | awk '/requests in/ {print $1}')
-  echo "$1 $(( (after - before) * tick_us / requests )) $(echo "$out" | awk '/Requests\/sec/ {print $2}')" \
-    >> "$WORK/compare.txt"
+  echo "${1// /_} $(( (after - before) * tick_us / requests ))" \
+    "$(echo "$out" | awk '/Requests\/sec/ {print $2}')" >> "$WORK/compare.txt"
   kill "$sc"; wait "$sc" 2>/dev/null
 }
 : > "$WORK/compare.txt"
 for _ in $(seq "${ROUNDS:-5}"); do
-  for i in "${!builds[@]}"; do measure "${builds[i]}" "${sources[i]}"; done
+  for i in "${!builds[@]}"; do measure "${builds[i]}" "${sources[i]}" "${extras[i]}"; done
 done
 "$PY" - "$WORK/compare.txt" <<'PYEOF'
 import statistics, sys

@@ -10,7 +10,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from sidecar.drift.recorder import DriftRecorder
 from sidecar.drift.settings import DriftSettings
 from sidecar.workers import snapshots
-from sidecar.workers.snapshots import SnapshotMerge, SnapshotRegistry, snapshot_of
+from sidecar.workers.snapshots import SnapshotMerge, SnapshotRegistry, counts_of, snapshot_of
 from tests.test_drift_recorder import reference, table
 
 Values = dict[tuple[str, tuple[str, ...]], float]
@@ -148,6 +148,78 @@ def test_a_retired_worker_keeps_its_counters_and_loses_its_gauges() -> None:
     assert merged(merge)[("ml_requests_total", ("200",))] == 9  # every retired worker's
 
 
+class Scored(Fixed):
+    """A custom collector whose gauges cost work, as drift scores do: it counts its collects."""
+
+    def __init__(self) -> None:
+        super().__init__(0, 0)
+        self.collects = 0
+
+    def collect(self) -> list[Metric]:
+        self.collects += 1
+        return super().collect()
+
+    def collect_cumulative(self) -> list[Metric]:
+        return super().collect()[:1]
+
+
+def test_counts_carry_counters_and_histograms_and_cost_no_gauges() -> None:
+    """A snapshot of counts has every counter and histogram and no gauge, and it takes them
+    from a collector's collect_cumulative, never running its collect (the drift scores)."""
+    worker = Worker()
+    scored = Scored()
+    worker.registry.register(scored)
+    worker.requests.labels("200").inc(3)
+    worker.latency.observe(0.5)
+    worker.in_flight.set(2)
+    scored.count = 4
+    counts = values(snapshots._decode(counts_of(worker.registry)))
+    assert scored.collects == 0
+    assert counts[("ml_requests_total", ("200",))] == 3
+    assert counts[("latency_count", ())] == 1
+    assert counts[("ml_drift_bin_total", ("b00",))] == 4
+    assert not {name for name, _ in counts} & {"in_flight", "log_up", "info", "ml_drift_status"}
+
+
+def test_counts_newer_than_the_whole_snapshot_update_its_counters_and_keep_its_gauges() -> None:
+    worker = Worker()
+    worker.requests.labels("200").inc(1)
+    worker.in_flight.set(2)
+    worker.custom.gauge = 1
+    merge = SnapshotMerge()
+    merge.put(5, snapshot_of(worker.registry))
+    worker.requests.labels("200").inc(4)
+    worker.latency.observe(0.5)
+    worker.in_flight.set(0)
+    worker.custom.gauge = 2
+    merge.put_counts(5, counts_of(worker.registry))
+    found = merged(merge)
+    assert found[("ml_requests_total", ("200",))] == 5
+    assert found[("latency_count", ())] == 1
+    assert found[("in_flight", ())] == 2  # as of the whole snapshot: counts carry no gauges
+    assert found[("ml_drift_status", ())] == 1
+
+    worker.requests.labels("200").inc(1)
+    merge.put_counts(5, counts_of(worker.registry))  # read or not, the latest counts stand
+    merge.put_counts(5, counts_of(worker.registry))
+    assert merged(merge)[("ml_requests_total", ("200",))] == 6
+    worker.in_flight.set(1)
+    merge.put(5, snapshot_of(worker.registry))  # a whole one replaces all before it
+    found = merged(merge)
+    assert (found[("ml_requests_total", ("200",))], found[("in_flight", ())]) == (6, 1)
+
+
+def test_a_worker_retired_after_counts_keeps_them() -> None:
+    """A worker killed between scrapes keeps the counts of its last periodic snapshot."""
+    worker = Worker()
+    merge = SnapshotMerge()
+    merge.put(3, snapshot_of(worker.registry))
+    worker.requests.labels("200").inc(7)
+    merge.put_counts(3, counts_of(worker.registry))
+    merge.retire(3)
+    assert merged(merge)[("ml_requests_total", ("200",))] == 7
+
+
 def test_created_is_the_earliest_and_the_exemplar_the_latest() -> None:
     """A counter's `_created` is its first worker's; a bucket's exemplar is its newest
     observation's, whichever worker made it (merged in either order)."""
@@ -174,12 +246,14 @@ def test_created_is_the_earliest_and_the_exemplar_the_latest() -> None:
     assert bucket.exemplar.value == 0.7
 
 
-def test_an_unreadable_snapshot_leaves_the_previous_one() -> None:
+def test_an_unreadable_snapshot_leaves_what_was_read_before_it() -> None:
     worker = Worker()
     worker.requests.labels("200").inc(2)
     merge = SnapshotMerge()
     merge.put(9, snapshot_of(worker.registry))
+    assert merged(merge)[("ml_requests_total", ("200",))] == 2
     merge.put(9, b"\xc1not msgpack")
+    merge.put_counts(9, b"\xc1not msgpack either")
     assert merged(merge)[("ml_requests_total", ("200",))] == 2
 
 
@@ -217,3 +291,15 @@ def test_two_workers_drift_counts_equal_one_process_fed_everything() -> None:
     assert len(counts) > 40  # bins of both features, PIT buckets, sums and counts
     assert {key: found[key] for key in counts} == pytest.approx(counts, rel=1e-12)
     assert found[("ml_drift_window_rows", ("1", "iris", "x"))] == 1500
+
+
+def test_a_drift_recorders_counts_are_those_of_its_collect() -> None:
+    rng = np.random.default_rng(4)
+    profile = reference(numeric={"x": rng.normal(0, 1, 4000)}, categorical={"c": ["a", "b"] * 2000})
+    drift = DriftRecorder(profile, model_name="iris", model_version="1", settings=DriftSettings())
+    drift.observe_features(table({"x": rng.normal(0, 1, 300).tolist(), "c": ["a", "z"] * 150}))
+    counted = ("ml_drift_bin", "ml_drift_pit")
+    whole = {k: v for k, v in values(list(drift.collect())).items() if k[0].startswith(counted)}
+    counts = values(list(drift.collect_cumulative()))
+    assert len(counts) > 20  # both features' bins, the PIT buckets, sum and count
+    assert counts == whole

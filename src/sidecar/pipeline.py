@@ -537,14 +537,23 @@ class DriftByModel(Collector):
         self.recorders: dict[tuple[str, str], DriftRecorder] = {}
 
     def collect(self) -> Iterable[Metric]:
-        merged: dict[str, Metric] = {}
-        for recorder in list(self.recorders.values()):
-            for family in recorder.collect():
-                if family.name in merged:
-                    merged[family.name].samples.extend(family.samples)
-                else:
-                    merged[family.name] = family
-        return list(merged.values())
+        return _merged(recorder.collect() for recorder in list(self.recorders.values()))
+
+    def collect_cumulative(self) -> Iterable[Metric]:
+        """The drift bins and PIT histograms alone (workers/snapshots.py)."""
+        return _merged(recorder.collect_cumulative() for recorder in list(self.recorders.values()))
+
+
+def _merged(collected: Iterable[Iterable[Metric]]) -> list[Metric]:
+    """Families of the same name, from several recorders, as one."""
+    merged: dict[str, Metric] = {}
+    for families in collected:
+        for family in families:
+            if family.name in merged:
+                merged[family.name].samples.extend(family.samples)
+            else:
+                merged[family.name] = family
+    return list(merged.values())
 
 
 def _publish_model_info(

@@ -405,16 +405,30 @@ class DriftRecorder(Collector):
         families.frozen.add_metric(self._model, float(bool(views) and not collecting))
         return list(families)
 
+    def collect_cumulative(self) -> Iterable[Metric]:
+        """The bin counts and the PIT histogram alone, which only grow: collect() without the
+        work of the scores (for a worker's periodic snapshot, workers/snapshots.py)."""
+        self._flush()
+        with self._lock:
+            totals = [
+                (g, g.total.copy())
+                for g in (self._inputs.group, self._outputs.group)
+                if g is not None
+            ]
+        families = self._families()
+        for g, total in totals:
+            for i, spec in enumerate(g.specs):
+                self._export_counts(families, g, i, spec, total)
+        return [families.bins, families.pit]
+
     def _export(
         self, f: _Families, group: Group, i: int, spec: Spec, snapshot: _Snapshot, level: float
     ) -> int:
         """One feature's series; its status: the higher of the long and the short window's."""
+        self._export_counts(f, group, i, spec, snapshot.total)
         lo, hi = int(group.offsets[i]), int(group.offsets[i + 1])
         labels = [*self._model, spec.name]
-        for label, count, share in zip(
-            spec.labels, snapshot.total.bins[lo:hi].tolist(), spec.reference.tolist(), strict=True
-        ):
-            f.bins.add_metric([*labels, label], count)
+        for label, share in zip(spec.labels, spec.reference.tolist(), strict=True):
             f.reference.add_metric([*labels, label], share)
         window, recent = (
             _judge(spec, w.bins[lo:hi], w.rows, _view(group, i, w), level, self._settings)
@@ -426,11 +440,18 @@ class DriftRecorder(Collector):
                 f.floor.add_metric([*labels, stat], score.floor)
         f.score.add_metric([*labels, SHIFT], max(window.shift, recent.shift))
         f.window.add_metric(labels, snapshot.window.rows)
-        if isinstance(spec, Numeric):
-            self._export_pit(f, labels, _view(group, i, snapshot.total))
         status = max(window.level, recent.level)
         f.status.add_metric(labels, status)
         return status
+
+    def _export_counts(self, f: _Families, group: Group, i: int, spec: Spec, total: Counts) -> None:
+        """One feature's bin counts and, if it is numeric, its PIT histogram."""
+        lo, hi = int(group.offsets[i]), int(group.offsets[i + 1])
+        labels = [*self._model, spec.name]
+        for label, count in zip(spec.labels, total.bins[lo:hi].tolist(), strict=True):
+            f.bins.add_metric([*labels, label], count)
+        if isinstance(spec, Numeric):
+            self._export_pit(f, labels, _view(group, i, total))
 
     @staticmethod
     def _export_pit(f: _Families, labels: list[str], view: _FeatureView) -> None:

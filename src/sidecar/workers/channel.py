@@ -5,11 +5,13 @@ its end as stdin (as inetd hands a service its connection): no path to agree on,
 each end sees the other go (end of file) at once, however it went.
 
 The supervisor asks with a request number (8 bytes), one higher each time. The worker answers
-with a snapshot of its registry (workers/snapshots.py), framed as the highest request number it
-has read (8 bytes), the snapshot's length (4 bytes) and the snapshot: one tagged n or more was
-taken after request n arrived. A worker also sends snapshots unasked: when it starts serving
-(the supervisor takes the first for "serving"), every PERIOD seconds (so a worker killed
-outright loses only what it counted since), and when it stops, after its drain.
+with a whole snapshot of its registry (workers/snapshots.py), framed as the highest request
+number it has read (8 bytes), the snapshot's length (4 bytes), whether it is whole (1 byte) and
+the snapshot: a whole one tagged n or more was taken after request n arrived. A worker also
+sends snapshots unasked: a whole one when it starts serving (the supervisor takes the first for
+"serving") and when it stops, after its drain; and every PERIOD seconds one of its counts alone
+(counters and histograms), so that a worker killed outright loses only what it counted since,
+without computing every second the gauges (drift scores) that only a scrape reads.
 """
 
 from __future__ import annotations
@@ -20,30 +22,33 @@ import socket
 import struct
 from collections.abc import Callable
 
-from sidecar.workers.snapshots import SnapshotRegistry, snapshot_of
+from sidecar.workers.snapshots import SnapshotRegistry, counts_of, snapshot_of
 
 PERIOD = 1.0  # seconds between a worker's unasked snapshots: what a SIGKILL can lose at most
 
 _REQUEST = struct.Struct("!Q")  # request number
-_HEADER = struct.Struct("!QI")  # highest request number read, snapshot length
+_HEADER = struct.Struct("!QI?")  # highest request number read, snapshot length, whole
 _STDIN = 0  # the worker's end, where the supervisor put it
 
 
 class WorkerLine:
-    """The supervisor's end of one worker's line. Every snapshot that arrives goes to
-    `on_snapshot`; fresh() asks for one and waits for it."""
+    """The supervisor's end of one worker's line. Every whole snapshot that arrives goes to
+    `on_snapshot`, every snapshot of counts to `on_counts`; fresh() asks for a whole one and
+    waits for it."""
 
     def __init__(
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         on_snapshot: Callable[[bytes], None],
+        on_counts: Callable[[bytes], None],
     ) -> None:
         self._reader = reader
         self._writer = writer
         self._on_snapshot = on_snapshot
+        self._on_counts = on_counts
         self._asked = 0  # the last request number sent
-        self._answered = -1  # the tag of the latest snapshot; -1 before the first
+        self._answered = -1  # the tag of the latest whole snapshot; -1 before the first
         self._gone = False  # the worker's end is closed, and all it sent is taken
         self._news = asyncio.Condition()
         self._receiving = asyncio.create_task(self._receive(), name="worker-line")
@@ -74,8 +79,12 @@ class WorkerLine:
     async def _receive(self) -> None:
         try:
             while True:
-                tag, size = _HEADER.unpack(await self._reader.readexactly(_HEADER.size))
-                self._on_snapshot(await self._reader.readexactly(size))
+                tag, size, whole = _HEADER.unpack(await self._reader.readexactly(_HEADER.size))
+                snapshot = await self._reader.readexactly(size)
+                if not whole:
+                    self._on_counts(snapshot)
+                    continue
+                self._on_snapshot(snapshot)
                 self._answered = tag
                 async with self._news:
                     self._news.notify_all()
@@ -104,11 +113,17 @@ class SupervisorLine:
         self._asked = 0  # the highest request number read
 
     def send(self) -> None:
-        """A snapshot, taken now."""
-        if self._writer.is_closing():
-            return
-        snapshot = snapshot_of(self._registry)
-        self._writer.writelines((_HEADER.pack(self._asked, len(snapshot)), snapshot))
+        """A whole snapshot, taken now."""
+        if not self._writer.is_closing():
+            self._write(snapshot_of(self._registry), whole=True)
+
+    def send_counts(self) -> None:
+        """A snapshot of the counts alone, taken now."""
+        if not self._writer.is_closing():
+            self._write(counts_of(self._registry), whole=False)
+
+    def _write(self, snapshot: bytes, *, whole: bool) -> None:
+        self._writer.writelines((_HEADER.pack(self._asked, len(snapshot), whole), snapshot))
 
     async def answer(self) -> None:
         """Answer every request as it comes; return when the supervisor is gone."""
@@ -121,11 +136,11 @@ class SupervisorLine:
             return
 
     async def send_every(self, period: float) -> None:
-        """A snapshot every `period` seconds, until the supervisor is gone."""
+        """A snapshot of the counts every `period` seconds, until the supervisor is gone."""
         try:
             while True:
                 await asyncio.sleep(period)
-                self.send()
+                self.send_counts()
                 await self._writer.drain()
         except ConnectionError:
             return
@@ -138,10 +153,10 @@ class SupervisorLine:
 
 
 async def open_supervisor_end(
-    sock: socket.socket, on_snapshot: Callable[[bytes], None]
+    sock: socket.socket, on_snapshot: Callable[[bytes], None], on_counts: Callable[[bytes], None]
 ) -> WorkerLine:
     reader, writer = await asyncio.open_unix_connection(sock=sock)
-    return WorkerLine(reader, writer, on_snapshot)
+    return WorkerLine(reader, writer, on_snapshot, on_counts)
 
 
 async def open_worker_end(registry: SnapshotRegistry) -> SupervisorLine:

@@ -1,12 +1,17 @@
 """Every worker's metrics, merged on the supervisor from snapshots of whole registries.
 
 With `--workers N` each worker keeps its metrics in an ordinary in-process registry (an update
-is an add under the value's own lock: no shared file, no getpid()) and hands the supervisor a
-snapshot of all it exports, families of samples in msgpack (workers/channel.py carries them).
-The supervisor's `SnapshotMerge` merges the latest snapshot of every running worker sample by
-sample: counters and histograms add up; a gauge is summed, or its largest or smallest value
-kept, by the policy its snapshot names: from the `multiprocess_mode` a Gauge was declared with
-(the mode that would merge prometheus_client's multiprocess files the same way), or for the
+is an add under the value's own lock: no shared file, no getpid()) and hands the supervisor
+snapshots of it, families of samples in msgpack (workers/channel.py carries them): whole ones,
+of all it exports, when a scrape asks and as it starts and stops; and every second one of its
+counts alone (its counters and histograms), so that a worker killed outright loses little and no
+worker computes every second the gauges (drift scores) that only a scrape reads.
+
+The supervisor's `SnapshotMerge` merges the latest snapshots of every running worker, sample by
+sample (a worker's gauges as of its latest whole snapshot, its counts as of its latest of
+either kind): counters and histograms add up; a gauge is summed, or its largest or smallest
+value kept, by the policy its snapshot names: from the `multiprocess_mode` a Gauge was declared
+with (the mode that would merge prometheus_client's multiprocess files the same way), or for the
 gauges of custom collectors from `GAUGE_MERGE`. When a worker exits, the counters and
 histograms of its last snapshot are folded into a retired total, so that no counter goes down
 across restarts; its gauges go, whatever their mode.
@@ -17,10 +22,11 @@ tests/test_prometheus_internals.py checks against the installed version.
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Literal
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Literal, Protocol, runtime_checkable
 
 import msgspec
 from prometheus_client import CollectorRegistry, Gauge
@@ -61,6 +67,16 @@ GAUGE_MERGE: dict[str, Policy] = {
 CUMULATIVE = frozenset({"counter", "histogram", "summary"})
 
 
+@runtime_checkable
+class CountingCollector(Protocol):
+    """A collector whose counters and histograms cost less apart than with its gauges (the
+    drift recorders, whose gauges are scores computed at each collect)."""
+
+    def collect_cumulative(self) -> Iterable[Metric]:
+        """Its counter and histogram families, as collect() would have them."""
+        ...
+
+
 class TraceLink(msgspec.Struct, array_like=True, frozen=True):
     """A sample's exemplar: the trace of one observation in its bucket."""
 
@@ -95,10 +111,18 @@ class SnapshotRegistry(CollectorRegistry):
     def __init__(self) -> None:
         super().__init__()
         self.policies: dict[str, Policy] = {}
+        # How each collector's counters and histograms are collected, in the order registered
+        # (as collect() calls them), decided once: a worker collects them every second.
+        self._counts: dict[Collector, Callable[[], Iterable[Metric]]] = {}
 
     def register(self, collector: Collector) -> None:
         if not isinstance(collector, Gauge):
             super().register(collector)
+            self._counts[collector] = (
+                collector.collect_cumulative
+                if isinstance(collector, CountingCollector)
+                else functools.partial(_cumulative_of, collector)
+            )
             return
         mode = collector._multiprocess_mode
         policy = MODE_POLICY.get(mode)
@@ -111,10 +135,29 @@ class SnapshotRegistry(CollectorRegistry):
         super().register(collector)
         self.policies.update((family.name, policy) for family in collector.describe())
 
+    def unregister(self, collector: Collector) -> None:
+        super().unregister(collector)
+        self._counts.pop(collector, None)
+
+    def collect_cumulative(self) -> Iterator[Metric]:
+        """The counter and histogram families of every collector, without its gauges (from
+        collect_cumulative where a collector has it, so its gauges cost nothing)."""
+        for collect in list(self._counts.values()):
+            yield from collect()
+
+
+def _cumulative_of(collector: Collector) -> list[Metric]:
+    return [metric for metric in collector.collect() if metric.type in CUMULATIVE]
+
 
 def snapshot_of(registry: SnapshotRegistry) -> bytes:
-    """What `registry` exports now, as a snapshot."""
+    """What `registry` exports now, as a whole snapshot."""
     return _encode(families_of([registry], registry.policies))
+
+
+def counts_of(registry: SnapshotRegistry) -> bytes:
+    """The counters and histograms `registry` exports now, as a snapshot of counts."""
+    return _encode(_families(registry.collect_cumulative(), {}))
 
 
 def families_of(
@@ -122,16 +165,21 @@ def families_of(
 ) -> list[Family]:
     """The families `collectors` export now; a gauge's policy from `policies`, else from
     GAUGE_MERGE, else "max"."""
+    return _families(
+        (metric for collector in collectors for metric in collector.collect()), policies or {}
+    )
+
+
+def _families(metrics: Iterable[Metric], policies: Mapping[str, Policy]) -> list[Family]:
     return [
         Family(
             metric.name,
             metric.type,
             metric.documentation,
-            _policy(metric, policies or {}),
+            _policy(metric, policies),
             [Sample(s.name, s.labels, s.value, _link(s.exemplar)) for s in metric.samples],
         )
-        for collector in collectors
-        for metric in collector.collect()
+        for metric in metrics
     ]
 
 
@@ -200,11 +248,14 @@ def _newer(held: TraceLink | None, link: TraceLink | None) -> TraceLink | None:
 
 
 class SnapshotMerge(Collector):
-    """The supervisor's view of its workers: the latest snapshot of each running worker (`put`),
-    the counters and histograms of those that have exited (`retire`), and its own local
-    collectors (`own`: its process figures, which belong to the pod's total like the workers',
-    and what it counts itself, such as labels posted to it; a SnapshotRegistry among them says
-    how its gauges merge, as a worker's does)."""
+    """The supervisor's view of its workers: the latest snapshots of each running worker (`put`,
+    `put_counts`), the counters and histograms of those that have exited (`retire`), and its own
+    local collectors (`own`: its process figures, which belong to the pod's total like the
+    workers', and what it counts itself, such as labels posted to it; a SnapshotRegistry among
+    them says how its gauges merge, as a worker's does).
+
+    Snapshots are decoded when they are needed (a scrape, a worker's exit), not as they arrive:
+    each worker sends one a second, and most are replaced by the next unread."""
 
     def __init__(self, own: Sequence[Collector] = ()) -> None:
         self._own = own
@@ -214,28 +265,62 @@ class SnapshotMerge(Collector):
             if isinstance(collector, SnapshotRegistry)
             for name, policy in collector.policies.items()
         }
-        self._live: dict[int, list[Family]] = {}  # by worker pid
+        self._live: dict[int, _Latest] = {}  # by worker pid
         self._retired: list[Family] = []
         self._complaints = RateLimitedLog(log)
 
     def put(self, worker: int, snapshot: bytes) -> None:
-        """The latest snapshot of `worker`; one that does not decode leaves the previous."""
-        try:
-            self._live[worker] = _decode(snapshot)
-        except msgspec.DecodeError as exc:  # a worker of another sidecar version, say
-            self._complaints.warning(
-                "decode", "a worker's metrics snapshot is unreadable", pid=worker, error=str(exc)
-            )
+        """The latest whole snapshot of `worker`: it replaces everything before it."""
+        latest = self._live.setdefault(worker, _Latest())
+        latest.whole, latest.counts = snapshot, None
+
+    def put_counts(self, worker: int, snapshot: bytes) -> None:
+        """The latest counts of `worker`: its counters and histograms, newer than its gauges."""
+        self._live.setdefault(worker, _Latest()).counts = snapshot
 
     def retire(self, worker: int) -> None:
         """`worker` has exited: keep the counters and histograms of its last snapshot, forget
         its gauges."""
-        self._retired = merge([self._retired, cumulative(self._live.pop(worker, []))])
+        latest = self._live.pop(worker, None)
+        if latest is not None:
+            self._retired = merge([self._retired, cumulative(self._families(worker, latest))])
 
     def collect(self) -> Iterable[Metric]:
         own = families_of(self._own, self._own_policies)
-        merged = merge([self._retired, own, *self._live.values()])
-        return [_metric(family) for family in merged]
+        live = [self._families(worker, latest) for worker, latest in self._live.items()]
+        return [_metric(family) for family in merge([self._retired, own, *live])]
+
+    def _families(self, worker: int, latest: _Latest) -> list[Family]:
+        """What the snapshots of `worker` say, the unread ones decoded and merged in; one that
+        does not decode leaves what was there before it."""
+        whole, counts = latest.whole, latest.counts
+        latest.whole = latest.counts = None
+        if whole is not None and (families := self._decode(worker, whole)) is not None:
+            latest.families = {family.name: family for family in families}
+        if counts is not None and (families := self._decode(worker, counts)) is not None:
+            latest.families.update((family.name, family) for family in families)
+        return list(latest.families.values())
+
+    def _decode(self, worker: int, snapshot: bytes) -> list[Family] | None:
+        try:
+            return _decode(snapshot)
+        except msgspec.DecodeError as exc:  # a worker of another sidecar version, say
+            self._complaints.warning(
+                "decode", "a worker's metrics snapshot is unreadable", pid=worker, error=str(exc)
+            )
+            return None
+
+
+class _Latest:
+    """One worker's snapshots as the supervisor holds them: what it has decoded (by family
+    name), and what arrived since, unread: a whole snapshot, and counts newer than it."""
+
+    __slots__ = ("counts", "families", "whole")
+
+    def __init__(self) -> None:
+        self.families: dict[str, Family] = {}
+        self.whole: bytes | None = None
+        self.counts: bytes | None = None
 
 
 def _metric(family: Family) -> Metric:

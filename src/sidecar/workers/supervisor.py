@@ -4,7 +4,8 @@ One event loop uses one core; with N workers the kernel spreads new connections 
 SO_REUSEPORT sockets. Workers are fresh interpreters (`python -m sidecar serve --worker-dir
 DIR`), not forks, which would inherit the supervisor's event loop, threads and sockets. Each
 keeps its metrics in its own registry and hands the supervisor snapshots of it over a line of
-its own (workers/channel.py): on each scrape, every PERIOD seconds, and when it stops.
+its own (workers/channel.py): on each scrape, every PERIOD seconds (its counts alone), and when
+it stops.
 
 The supervisor owns what there is one of per pod: the admin port (/metrics merged over the
 workers' snapshots, /healthz, /readyz with its own upstream probe, which every worker's proxy
@@ -237,7 +238,9 @@ class Supervisor:
         finally:
             theirs.close()  # the worker's now: a copy of ours would hide its end of file from us
         line = await channel.open_supervisor_end(
-            ours, functools.partial(self._merge.put, process.pid)
+            ours,
+            functools.partial(self._merge.put, process.pid),
+            functools.partial(self._merge.put_counts, process.pid),
         )
         worker = _Worker(slot, process, line, self._config_version)
         if self._stop.is_set():  # stopped while it was being spawned: it must not outlive us
