@@ -148,19 +148,21 @@ def test_a_retired_worker_keeps_its_counters_and_loses_its_gauges() -> None:
     assert merged(merge)[("ml_requests_total", ("200",))] == 9  # every retired worker's
 
 
-class Scored(Fixed):
+class Scored:
     """A custom collector whose gauges cost work, as drift scores do: it counts its collects."""
 
     def __init__(self) -> None:
-        super().__init__(0, 0)
+        self.count = 0.0
         self.collects = 0
 
     def collect(self) -> list[Metric]:
         self.collects += 1
-        return super().collect()
+        return [*self.collect_cumulative(), GaugeMetricFamily("ml_score", "help", value=1)]
 
     def collect_cumulative(self) -> list[Metric]:
-        return super().collect()[:1]
+        counter = Metric("ml_scored", "help", "counter")
+        counter.add_sample("ml_scored_total", {}, self.count)
+        return [counter]
 
 
 def test_counts_carry_counters_and_histograms_and_cost_no_gauges() -> None:
@@ -172,13 +174,18 @@ def test_counts_carry_counters_and_histograms_and_cost_no_gauges() -> None:
     worker.requests.labels("200").inc(3)
     worker.latency.observe(0.5)
     worker.in_flight.set(2)
-    scored.count = 4
+    scored.count, worker.custom.count = 4, 5
     counts = values(snapshots._decode(counts_of(worker.registry)))
     assert scored.collects == 0
     assert counts[("ml_requests_total", ("200",))] == 3
     assert counts[("latency_count", ())] == 1
-    assert counts[("ml_drift_bin_total", ("b00",))] == 4
-    assert not {name for name, _ in counts} & {"in_flight", "log_up", "info", "ml_drift_status"}
+    assert counts[("ml_scored_total", ())] == 4
+    assert counts[("ml_drift_bin_total", ("b00",))] == 5
+    gauges = {"in_flight", "log_up", "info", "ml_drift_status", "ml_score"}
+    assert not {name for name, _ in counts} & gauges
+
+    worker.registry.unregister(scored)
+    assert ("ml_scored_total", ()) not in values(snapshots._decode(counts_of(worker.registry)))
 
 
 def test_counts_newer_than_the_whole_snapshot_update_its_counters_and_keep_its_gauges() -> None:
