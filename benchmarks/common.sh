@@ -29,6 +29,20 @@ wait_port() { # port: until something listens
   echo "nothing listens on port $1" >&2; exit 1
 }
 
+# A sidecar stopped between runs has no load balancer to warn: no shutdown_delay.
+FAST_STOP="--shutdown-delay 0"
+TICK_US=$((1000000 / $(getconf CLK_TCK)))  # microseconds in a clock tick of /proc/PID/stat
+
+cpu_ticks() { # pid...: user + system clock ticks, summed
+  cat $(for p in "$@"; do echo "/proc/$p/stat"; done) 2>/dev/null | awk '{t += $14 + $15} END {print t}'
+}
+
+warm() { # port...: a second of light load on each sidecar, before it is measured
+  for port in "$@"; do
+    taskset -c 0 wrk -t1 -c8 -d1s -s "$BENCH/post.lua" "http://127.0.0.1:$port/v1/models/iris:predict" >/dev/null
+  done
+}
+
 build_profile() { # features: training and traffic CSVs of normal columns, and a profile of them
   "$PY" - "$WORK/train.csv" "$WORK/traffic.csv" "$1" <<'PYEOF'
 import sys

@@ -36,24 +36,19 @@ done
 ARGS=${ARGS:---preset kserve-v1 --model-name iris}
 start_upstream
 wait_port 18001
-tick_us=$((1000000 / $(getconf CLK_TCK)))
-cpu_ticks() { # pid...: user + system clock ticks, summed
-  cat $(for p in "$@"; do echo "/proc/$p/stat"; done) 2>/dev/null | awk '{t += $14 + $15} END {print t}'
-}
 measure() { # label src extra: one run; appends "label cpu_us rps" to $WORK/compare.txt
   PYTHONPATH="$2" taskset -c 1 "$SIDECAR" serve --upstream http://127.0.0.1:18001 --host 127.0.0.1 \
-    --port "$PORT" --metrics-port "$((PORT + 1))" --log-level warning --shutdown-delay 0 $ARGS $3 &
-  local sc=$!  # no load balancer to warn here: it stops at once between runs
+    --port "$PORT" --metrics-port "$((PORT + 1))" --log-level warning $FAST_STOP $ARGS $3 & local sc=$!
   wait_port "$PORT"; sleep 2  # every worker of a supervisor serving
   local procs; procs="$sc $(pgrep -P "$sc" | tr '\n' ' ')"
-  taskset -c 0 wrk -t1 -c8 -d1s -s "$BENCH/post.lua" "http://127.0.0.1:$PORT/v1/models/iris:predict" >/dev/null
+  warm "$PORT"
   local before after out requests
   before=$(cpu_ticks $procs)
   out=$(taskset -c 0 wrk -t1 -c"${C:-32}" -d"${DUR:-3s}" -s "$BENCH/post.lua" \
     "http://127.0.0.1:$PORT/v1/models/iris:predict")
   after=$(cpu_ticks $procs)
   requests=$(echo "$out" | awk '/requests in/ {print $1}')
-  echo "${1// /_} $(( (after - before) * tick_us / requests ))" \
+  echo "${1// /_} $(( (after - before) * TICK_US / requests ))" \
     "$(echo "$out" | awk '/Requests\/sec/ {print $2}')" >> "$WORK/compare.txt"
   kill "$sc"; wait "$sc" 2>/dev/null
 }

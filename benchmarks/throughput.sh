@@ -32,18 +32,8 @@ echo "== --workers 1 vs --workers 2, all of them on CPU 1; upstream and wrk on C
 # request's CPU moves by ±20% from minute to minute on a shared machine, so the four runs are
 # interleaved, ROUNDS times, and each figure is the median of its runs.
 start_upstream
-tick_us=$((1000000 / $(getconf CLK_TCK)))
-FAST_STOP="--shutdown-delay 0"  # no load balancer to warn here: stop at once between runs
-cpu_ticks() { # pid...: user + system clock ticks, summed
-  cat $(for p in "$@"; do echo "/proc/$p/stat"; done) 2>/dev/null | awk '{t += $14 + $15} END {print t}'
-}
 load() { # port connections: wrk's report
   taskset -c 0 wrk -t1 -c"$2" -d"${DUR:-8s}" -s "$BENCH/post.lua" "http://127.0.0.1:$1/v1/models/iris:predict"
-}
-warm() { # port...
-  for port in "$@"; do
-    taskset -c 0 wrk -t1 -c8 -d1s -s "$BENCH/post.lua" "http://127.0.0.1:$port/v1/models/iris:predict" >/dev/null
-  done
 }
 workers_run() { # label workers connections: appends "label cpu_us rps shares" to $RUNS
   taskset -c 1 "$SIDECAR" $ARGS $FAST_STOP --workers "$2" & local sc=$!
@@ -58,9 +48,9 @@ workers_run() { # label workers connections: appends "label cpu_us rps shares" t
   for i in "${!after[@]}"; do total=$((total + after[i] - before[i])); done
   for i in "${!after[@]}"; do
     [ "$i" -eq 0 ] && continue  # the supervisor: admin port only
-    shares+="$(( (after[i] - before[i]) * 100 / (total > 0 ? total : 1) ))%,"
+    shares+="${shares:+,}$(( (after[i] - before[i]) * 100 / (total > 0 ? total : 1) ))%"
   done
-  echo "$1 $((total * tick_us / requests)) $(echo "$out" | awk '/Requests\/sec/ {print $2}') ${shares:-100%,}" >> "$RUNS"
+  echo "$1 $((total * TICK_US / requests)) $(echo "$out" | awk '/Requests\/sec/ {print $2}') ${shares:-100%}" >> "$RUNS"
   kill "$sc"; wait "$sc" 2>/dev/null
 }
 separate_run() { # appends "separate cpu_us rps -" to $RUNS
@@ -75,8 +65,9 @@ separate_run() { # appends "separate cpu_us rps -" to $RUNS
   for port in 18005 18015; do load "$port" $((${C:-32} / 2)) > "$WORK/separate-$port.txt" & loads+=($!); done
   wait "${loads[@]}"
   after=$(cpu_ticks $first $second)
-  awk -v ticks=$((after - before)) -v tick="$tick_us" '/requests in/ {n += $1} /Requests\/sec/ {r += $2}
-    END {printf "separate %d %.0f -\n", ticks * tick / n, r}' "$WORK"/separate-180{0,1}5.txt >> "$RUNS"
+  awk -v ticks=$((after - before)) -v tick="$TICK_US" '/requests in/ {n += $1} /Requests\/sec/ {r += $2}
+    END {printf "separate %d %.0f -\n", ticks * tick / n, r}' "$WORK/separate-18005.txt" \
+    "$WORK/separate-18015.txt" >> "$RUNS"
   kill "$first" "$second"; wait "$first" "$second" 2>/dev/null
 }
 RUNS="$WORK/workers.txt"; : > "$RUNS"
@@ -99,7 +90,7 @@ c = int(sys.argv[2])
 for label, what in (("one", f"workers=1 connections={c}"), ("two", f"workers=2 connections={c}"),
                     ("half", f"workers=1 connections={c // 2}"),
                     ("separate", f"two separate processes, connections={c // 2} each")):
-    shares = " ".join(s.rstrip(",") for _, _, s in runs[label]) if label == "two" else ""
+    shares = " ".join(s for _, _, s in runs[label]) if label == "two" else ""
     print(f"{what}: cpu_us_per_request={cost[label]:.0f} rps={rate[label]:.0f}"
           + (f" worker_cpu_shares={shares}" if shares else "") + f" (median of {len(runs[label])})")
 print(f"two workers on two free cores, against one: {2 * cost['one'] / cost['two']:.2f}x (pessimistic, "

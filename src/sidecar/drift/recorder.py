@@ -385,8 +385,7 @@ class DriftRecorder(Collector):
         with self._lock:
             views = [
                 (g, _Snapshot(g.total.copy(), g.window.snapshot(now), g.window.recent(now)))
-                for g in (self._inputs.group, self._outputs.group)
-                if g is not None
+                for g in self._groups()
             ]
             collecting = any(side.pending_rows for side in (self._inputs, self._outputs))
         families = self._families()
@@ -410,16 +409,16 @@ class DriftRecorder(Collector):
         work of the scores (for a worker's periodic snapshot, workers/snapshots.py)."""
         self._flush()
         with self._lock:
-            totals = [
-                (g, g.total.copy())
-                for g in (self._inputs.group, self._outputs.group)
-                if g is not None
-            ]
+            totals = [(g, g.total.copy()) for g in self._groups()]
         families = self._families()
         for g, total in totals:
             for i, spec in enumerate(g.specs):
                 self._export_counts(families, g, i, spec, total)
         return [families.bins, families.pit]
+
+    def _groups(self) -> list[Group]:
+        """The sides counting against their reference (inputs first); under the lock."""
+        return [side.group for side in (self._inputs, self._outputs) if side.group is not None]
 
     def _export(
         self, f: _Families, group: Group, i: int, spec: Spec, snapshot: _Snapshot, level: float

@@ -283,14 +283,14 @@ class SnapshotMerge(Collector):
         its gauges."""
         latest = self._live.pop(worker, None)
         if latest is not None:
-            self._retired = merge([self._retired, cumulative(self._families(worker, latest))])
+            self._retired = merge([self._retired, cumulative(self._read(worker, latest))])
 
     def collect(self) -> Iterable[Metric]:
         own = families_of(self._own, self._own_policies)
-        live = [self._families(worker, latest) for worker, latest in self._live.items()]
+        live = [self._read(worker, latest) for worker, latest in self._live.items()]
         return [_metric(family) for family in merge([self._retired, own, *live])]
 
-    def _families(self, worker: int, latest: _Latest) -> list[Family]:
+    def _read(self, worker: int, latest: _Latest) -> list[Family]:
         """What the snapshots of `worker` say, the unread ones decoded and merged in; one that
         does not decode leaves what was there before it."""
         whole, counts = latest.whole, latest.counts
